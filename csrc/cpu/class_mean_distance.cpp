@@ -1,0 +1,192 @@
+// CPU kernels of hpd_fast::class_mean_distance (see csrc/class_mean_distance.h for the math).
+//
+// Rows are bucketed by segment with a counting sort; then every (segment, column block) task
+// sums its rows' slice into a cache-resident accumulator, so each feature element is read
+// exactly once, in its own dtype, and nothing of size N x D is written.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "class_mean_distance.h"
+
+namespace hpd_fast {
+namespace {
+
+constexpr int64_t kColBlock = 2048;  // accumulator of 8 KiB (fp32): stays in L1
+
+struct Buckets {
+  std::vector<int64_t> offsets;  // [S + 1]
+  std::vector<int64_t> order;    // [N], rows grouped by segment, stable
+};
+
+Buckets bucket_rows(const at::Tensor& labels, int64_t S) {
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  const int64_t N = lab.numel();
+  Buckets b;
+  b.offsets.assign(S + 1, 0);
+  b.order.resize(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t l = lp[i];
+    TORCH_CHECK(l >= 0 && l < S, "class_mean_distance: labels[", i, "] = ", l,
+                " is outside [0, ", S, ")");
+    ++b.offsets[l + 1];
+  }
+  for (int64_t s = 0; s < S; ++s) b.offsets[s + 1] += b.offsets[s];
+  std::vector<int64_t> cursor(b.offsets.begin(), b.offsets.end() - 1);
+  for (int64_t i = 0; i < N; ++i) b.order[cursor[lp[i]]++] = i;
+  return b;
+}
+
+template <typename scalar_t>
+void layer_forward(const at::Tensor& x, const at::Tensor& target, const Buckets& b, int64_t S,
+                   acc_t<scalar_t>* diff, int64_t ld_diff, acc_t<scalar_t>* dist) {
+  using acc = acc_t<scalar_t>;
+  const int64_t D = x.size(1);
+  if (D == 0 || S == 0) return;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc* tp = target.data_ptr<acc>();
+  const int64_t nblk = (D + kColBlock - 1) / kColBlock;
+  std::vector<acc> partial(S * nblk, acc(0));
+
+  // Grain: enough tasks per thread chunk to amortize scheduling, few enough to balance.
+  at::parallel_for(0, S * nblk, 1, [&](int64_t begin, int64_t end) {
+    acc buf[kColBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / nblk;
+      const int64_t j0 = (task % nblk) * kColBlock;
+      const int64_t len = std::min(kColBlock, D - j0);
+      std::fill(buf, buf + len, acc(0));
+      const int64_t r0 = b.offsets[s], r1 = b.offsets[s + 1];
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = xp + b.order[r] * D + j0;
+        for (int64_t j = 0; j < len; ++j) buf[j] += static_cast<acc>(row[j]);
+      }
+      const acc inv = cmd::inverse_count<acc>(r1 - r0);
+      const bool nonempty = r1 > r0;
+      const acc* trow = tp + s * D + j0;
+      acc* drow = diff + s * ld_diff + j0;
+      acc sq = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        const acc d = cmd::centred_mean<acc>(buf[j], inv, trow[j], nonempty);
+        drow[j] = d;
+        sq += d * d;
+      }
+      partial[task] = sq;
+    }
+  });
+  // Fixed-order reduction over column blocks: deterministic for any thread count.
+  for (int64_t s = 0; s < S; ++s) {
+    acc total = 0;
+    for (int64_t k = 0; k < nblk; ++k) total += partial[s * nblk + k];
+    dist[s] += total;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_mean_distance_cpu(
+    at::TensorList features, const at::Tensor& labels, at::TensorList targets) {
+  TORCH_CHECK(!features.empty(), "class_mean_distance: features is empty");
+  TORCH_CHECK(features.size() == targets.size(), "class_mean_distance: ", features.size(),
+              " feature layers but ", targets.size(), " targets");
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
+              "class_mean_distance: labels must be a 1-D int64 tensor");
+  const int64_t N = labels.size(0);
+  const int64_t S = targets[0].size(0);
+  const at::ScalarType acc_dtype = targets[0].scalar_type();
+  TORCH_CHECK(acc_dtype == at::kFloat || acc_dtype == at::kDouble,
+              "class_mean_distance: targets must be float32 or float64 (the accumulation dtype)");
+
+  const Buckets b = bucket_rows(labels, S);
+  auto opts = labels.options().dtype(acc_dtype);
+  at::Tensor dist = at::zeros({S}, opts);
+  at::Tensor counts = at::empty({S}, opts);
+  int64_t total_cols = 0;
+  for (const at::Tensor& f : features) total_cols += f.dim() == 2 ? f.size(1) : 0;
+  at::Tensor diff = at::empty({S, total_cols}, opts);
+  int64_t col0 = 0;
+
+  for (size_t l = 0; l < features.size(); ++l) {
+    const at::Tensor x = features[l].contiguous();
+    const at::Tensor t = targets[l].contiguous();
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == N, "class_mean_distance: features[", l,
+                "] must be [N, D] with N = ", N);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == x.size(1),
+                "class_mean_distance: targets[", l, "] must be [", S, ", ", x.size(1), "]");
+    TORCH_CHECK(t.scalar_type() == acc_dtype, "class_mean_distance: targets[", l,
+                "] must have the dtype of targets[0]");
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, x.scalar_type(), "class_mean_distance_cpu", [&] {
+          using acc = acc_t<scalar_t>;
+          TORCH_CHECK(c10::CppTypeToScalarType<acc>::value == acc_dtype,
+                      "class_mean_distance: features[", l, "] is ", x.scalar_type(),
+                      " but the accumulation dtype is ", acc_dtype);
+          layer_forward<scalar_t>(x, t, b, S, diff.data_ptr<acc>() + col0, total_cols,
+                                  dist.data_ptr<acc>());
+        });
+    col0 += x.size(1);
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "class_mean_distance_counts", [&] {
+    scalar_t* cp = counts.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < S; ++s) cp[s] = static_cast<scalar_t>(b.offsets[s + 1] - b.offsets[s]);
+  });
+  return {dist, diff, counts};
+}
+
+at::Tensor class_mean_distance_backward_cpu(const at::Tensor& scale, const at::Tensor& diff,
+                                            const at::Tensor& labels, at::ScalarType dtype) {
+  TORCH_CHECK(diff.dim() == 2, "class_mean_distance_backward: diff must be [S, D]");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == diff.size(0),
+              "class_mean_distance_backward: scale must be [S]");
+  TORCH_CHECK(scale.scalar_type() == diff.scalar_type(),
+              "class_mean_distance_backward: scale and diff dtypes differ");
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong,
+              "class_mean_distance_backward: labels must be a 1-D int64 tensor");
+  const int64_t N = labels.size(0), S = diff.size(0), D = diff.size(1);
+  at::Tensor out = at::empty({N, D}, diff.options().dtype(dtype));
+  if (N == 0 || D == 0) return out;
+  const at::Tensor lab = labels.contiguous();
+  // A column slice of the forward's side-by-side diff is fine as is: rows need unit stride only.
+  const at::Tensor dc = diff.stride(1) == 1 ? diff : diff.contiguous();
+  const int64_t ld = dc.stride(0);
+  const at::Tensor sc = scale.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(lp[i] >= 0 && lp[i] < S, "class_mean_distance_backward: labels[", i, "] = ",
+                lp[i], " is outside [0, ", S, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cmd_backward_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    TORCH_CHECK(c10::CppTypeToScalarType<acc>::value == diff.scalar_type(),
+                "class_mean_distance_backward: diff dtype does not match ", dtype);
+    const acc* dp = dc.data_ptr<acc>();
+    const acc* sp = sc.data_ptr<acc>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / D);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = lp[i];
+        const acc a = sp[s];
+        const acc* drow = dp + s * ld;
+        scalar_t* orow = op + i * D;
+        for (int64_t j = 0; j < D; ++j) orow[j] = cmd::feature_grad<scalar_t, acc>(a, drow[j]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hpd_fast, CPU, m) {
+  m.impl("class_mean_distance", &class_mean_distance_cpu);
+  m.impl("class_mean_distance_backward", &class_mean_distance_backward_cpu);
+}
+
+}  // namespace hpd_fast

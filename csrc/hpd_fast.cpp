@@ -1,0 +1,27 @@
+// hpd_fast._C: every operator schema, once. Implementations register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu. Importing the module from Python registers the operators.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A module with no Python functions: `import hpd_fast._C` only loads the library so that the
+// static registrations below run. No pybind11, stable ABI.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hpd_fast, m) {
+  // Segmented-mean squared distance over a list of layers (CRFD, distribution matching).
+  // features[l]: [N, D_l]; labels: int64 [N] in [0, S); targets[l]: [S, D_l] in the
+  // accumulation dtype. Returns (dist [S], diff [S, sum_l D_l] = mean - target with the layers
+  // side by side, counts [S]); an empty segment has diff 0 and dist 0.
+  m.def(
+      "class_mean_distance(Tensor[] features, Tensor labels, Tensor[] targets) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Feature gradient of one layer: out[i, :] = scale[labels[i]] * diff[labels[i], :], in dtype.
+  m.def(
+      "class_mean_distance_backward(Tensor scale, Tensor diff, Tensor labels, ScalarType dtype) "
+      "-> Tensor");
+}

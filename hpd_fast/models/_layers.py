@@ -1,0 +1,68 @@
+"""Layer builders shared by the small-image networks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
+ACTS = ("relu", "leakyrelu", "sigmoid")
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """Normalisation layer for a [B, channels, H, W] map.
+
+    "instancenorm" is ``GroupNorm(C, C)`` with affine parameters: per-sample, per-channel
+    statistics and no running buffers, which is what the dataset-distillation literature calls
+    instance norm. "layernorm" is ``GroupNorm(1, C)``, "groupnorm" is ``GroupNorm(4, C)``,
+    "batchnorm" is ``BatchNorm2d(C)`` and "none" is the identity.
+    """
+    if norm == "instancenorm":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "layernorm":
+        return nn.GroupNorm(1, channels, affine=True)
+    if norm == "groupnorm":
+        if channels % 4:
+            raise ValueError(f'norm="groupnorm" needs channels divisible by 4, got {channels}')
+        return nn.GroupNorm(4, channels, affine=True)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def make_act(act: str) -> nn.Module:
+    """Activation by name: "relu", "leakyrelu" (slope 0.01) or "sigmoid"."""
+    if act == "relu":
+        return nn.ReLU(inplace=False)
+    if act == "leakyrelu":
+        return nn.LeakyReLU(0.01)
+    if act == "sigmoid":
+        return nn.Sigmoid()
+    raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def as_size(im_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) from an int or a pair; raises ValueError naming ``im_size`` otherwise."""
+    size = (im_size, im_size) if isinstance(im_size, int) else tuple(im_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+        raise ValueError(f"im_size must be a positive int or a pair of them, got {im_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def downsample_here(side: int, last: bool) -> bool:
+    """Whether a 2x downsampling step should run on a map whose smaller side is ``side``.
+
+    Small inputs (8x8 digits) have fewer pixels than the architectures' fixed number of
+    downsamplings expects. A step that would leave layers with a learned normalisation on a map
+    below 2x2 (where per-channel statistics are degenerate) is skipped; only the last step,
+    after which no convolution follows, may reach 1x1.
+    """
+    return side >= 4 or (last and side >= 2)

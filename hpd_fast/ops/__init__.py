@@ -1,0 +1,15 @@
+"""Public fused operators (each with reference, C++ CPU, CUDA and Triton implementations)."""
+
+from hpd_fast.ops.class_mean_distance import (
+    ClassMeanAccumulator,
+    class_mean_distance,
+    class_mean_distance_ref,
+    class_means,
+)
+
+__all__ = [
+    "ClassMeanAccumulator",
+    "class_mean_distance",
+    "class_mean_distance_ref",
+    "class_means",
+]
