@@ -6,8 +6,30 @@
 
 #include "hpd_common.h"
 
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+
 namespace hpd_fast {
 namespace cmd {
+
+// Load one feature element in the accumulation type.
+template <typename acc, typename scalar_t>
+HPD_HD acc load(const scalar_t& v) {
+  return static_cast<acc>(v);
+}
+// bf16 -> fp32 is a 16-bit shift; spelled out so the CPU compiler vectorizes the row loops.
+template <>
+HPD_HD float load<float, c10::BFloat16>(const c10::BFloat16& v) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<float>(v);
+#else
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
 
 // 1 / count, and 0 for an empty segment (its mean is defined as "no contribution").
 template <typename acc>

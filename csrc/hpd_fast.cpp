@@ -24,4 +24,13 @@ TORCH_LIBRARY(hpd_fast, m) {
   m.def(
       "class_mean_distance_backward(Tensor scale, Tensor diff, Tensor labels, ScalarType dtype) "
       "-> Tensor");
+
+  // Flat-parameter steps of trajectory matching. theta, grad, ...: 1-D [P], one dtype;
+  // lr: a one-element tensor. Not differentiable (the sweeps run them without a graph).
+  m.def("sgd_step(Tensor theta, Tensor grad, Tensor lr) -> Tensor");
+  // (loss = ||theta_n - target||^2 / ||start - target||^2 as a 0-dim tensor,
+  //  seed = 2 (theta_n - target) / ||start - target||^2)
+  m.def("param_match_loss(Tensor theta_n, Tensor target, Tensor start) -> (Tensor, Tensor)");
+  // (lam + h, <g, lam> as a 0-dim tensor)
+  m.def("adjoint_update(Tensor lam, Tensor h, Tensor g) -> (Tensor, Tensor)");
 }

@@ -65,9 +65,22 @@ void layer_forward(const at::Tensor& x, const at::Tensor& target, const Buckets&
       const int64_t len = std::min(kColBlock, D - j0);
       std::fill(buf, buf + len, acc(0));
       const int64_t r0 = b.offsets[s], r1 = b.offsets[s + 1];
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = xp + b.order[r] * D + j0;
-        for (int64_t j = 0; j < len; ++j) buf[j] += static_cast<acc>(row[j]);
+      const int64_t* ord = b.order.data();
+      int64_t r = r0;
+      // Four rows per pass: a quarter of the accumulator traffic, four streams to prefetch.
+      for (; r + 4 <= r1; r += 4) {
+        const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
+        const scalar_t* __restrict__ x1 = xp + ord[r + 1] * D + j0;
+        const scalar_t* __restrict__ x2 = xp + ord[r + 2] * D + j0;
+        const scalar_t* __restrict__ x3 = xp + ord[r + 3] * D + j0;
+        for (int64_t j = 0; j < len; ++j) {
+          buf[j] += (cmd::load<acc>(x0[j]) + cmd::load<acc>(x1[j])) +
+                    (cmd::load<acc>(x2[j]) + cmd::load<acc>(x3[j]));
+        }
+      }
+      for (; r < r1; ++r) {
+        const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
+        for (int64_t j = 0; j < len; ++j) buf[j] += cmd::load<acc>(x0[j]);
       }
       const acc inv = cmd::inverse_count<acc>(r1 - r0);
       const bool nonempty = r1 > r0;
