@@ -19,7 +19,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,13 +102,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=[
-        "hpd_fast",
-        "hpd_fast.ops",
-        "hpd_fast.models",
-        "hpd_fast.distill",
-        "hpd_fast.kernels",
-    ],
+    # Every package under hpd_fast/ (sub-packages are found, never listed by hand), plus the
+    # Triton kernels, which live in kernels/ at the top level and install as hpd_fast.kernels.
+    packages=[*find_packages(include=["hpd_fast", "hpd_fast.*"]), "hpd_fast.kernels"],
     package_dir={"hpd_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
