@@ -182,6 +182,8 @@ def _setup_context(ctx, inputs, output) -> None:
     features, labels, targets = inputs
     _, diff, counts = output
     ctx.save_for_backward(labels, diff, counts)
+    # Unused outputs (diff, counts) then arrive as None instead of zero tensors to add.
+    ctx.set_materialize_grads(False)
     ctx.layer_dtypes = [f.dtype for f in features]
     ctx.layer_cols = [f.shape[1] for f in features]
 
