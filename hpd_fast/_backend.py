@@ -113,9 +113,8 @@ def select_backend(op: str, device: torch.device, backend: str | None) -> str:
     ``reference``. A forced backend that cannot run here raises ``RuntimeError`` saying why.
     """
     if backend is not None:
-        ok, why = _status(backend)
-        if not ok:
-            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
+        if backend not in _PROBES:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend == "cpp" and device.type != "cpu":
             raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {device.type} tensors")
         if backend == "cuda" and device.type != "cuda":
@@ -124,6 +123,9 @@ def select_backend(op: str, device: torch.device, backend: str | None) -> str:
             raise ValueError(f"{op}: backend='triton' runs on CUDA (or interpreted CPU) tensors")
         if backend == "triton" and device.type == "cpu" and torch.cuda.is_available():
             raise ValueError(f"{op}: backend='triton' needs CUDA tensors on a machine with a GPU")
+        ok, why = _status(backend)
+        if not ok:
+            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
         return backend
     if device.type == "cuda":
         if _status("cuda")[0]:

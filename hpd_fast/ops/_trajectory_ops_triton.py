@@ -38,7 +38,9 @@ def sgd_step_triton(theta: Tensor, grad: Tensor, lr: Tensor) -> Tensor:
 
 
 @triton_op("hpd_fast::param_match_loss_triton", mutates_args=())
-def param_match_loss_triton(theta_n: Tensor, target: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+def param_match_loss_triton(
+    theta_n: Tensor, target: Tensor, start: Tensor
+) -> tuple[Tensor, Tensor]:
     theta_n, target, start = theta_n.contiguous(), target.contiguous(), start.contiguous()
     n = theta_n.numel()
     blk = block_size(theta_n.is_cuda, n)
