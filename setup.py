@@ -106,6 +106,7 @@ setup(
     # Triton kernels, which live in kernels/ at the top level and install as hpd_fast.kernels.
     packages=[*find_packages(include=["hpd_fast", "hpd_fast.*"]), "hpd_fast.kernels"],
     package_dir={"hpd_fast.kernels": "kernels"},
+    package_data={"hpd_fast.generators": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

@@ -33,4 +33,25 @@ TORCH_LIBRARY(hpd_fast, m) {
   m.def("param_match_loss(Tensor theta_n, Tensor target, Tensor start) -> (Tensor, Tensor)");
   // (lam + h, <g, lam> as a 0-dim tensor)
   m.def("adjoint_update(Tensor lam, Tensor h, Tensor g) -> (Tensor, Tensor)");
+
+  // Fused ConvNet block tail: instance norm (GroupNorm(C, C) with affine) -> ReLU -> 2x2
+  // average pool (floor for odd sizes), or no pool when pool = false.
+  // input: [B, C, H, W] (fp16/bf16/fp32/fp64); weight, bias: [C] in the accumulation dtype
+  // (fp64 for fp64 input, else fp32). Returns (out [B, C, H/2, W/2] or [B, C, H, W] in the
+  // input dtype, mean [B, C], rstd [B, C] = 1 / sqrt(var + eps), both accumulation dtype).
+  m.def(
+      "instance_norm_relu_pool(Tensor input, Tensor weight, Tensor bias, float eps, bool pool) "
+      "-> (Tensor, Tensor, Tensor)");
+  // (grad_input, grad_weight, grad_bias); mean and rstd must be the forward's statistics of
+  // input (the normalized input is recomputed from them); eps is unused by the kernels.
+  m.def(
+      "instance_norm_relu_pool_backward(Tensor grad_out, Tensor input, Tensor weight, "
+      "Tensor bias, Tensor mean, Tensor rstd, float eps, bool pool) -> (Tensor, Tensor, Tensor)");
+  // VJP of the backward w.r.t. (grad_out, input, weight), with mean and rstd taken as functions
+  // of input, for the cotangents (grad_grad_input, grad_grad_weight, grad_grad_bias) of its
+  // three outputs. Returns (grad of grad_out, grad of input, grad of weight).
+  m.def(
+      "instance_norm_relu_pool_double_backward(Tensor grad_grad_input, Tensor grad_grad_weight, "
+      "Tensor grad_grad_bias, Tensor grad_out, Tensor input, Tensor weight, Tensor bias, "
+      "Tensor mean, Tensor rstd, float eps, bool pool) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,8 @@
+"""``python -m hpd_fast``: the ``hpd-fast`` command line."""
+
 import sys
 
 from hpd_fast.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
+
+from hpd_fast.ops.instance_norm_relu_pool import instance_norm_relu_pool
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTS = ("relu", "leakyrelu", "sigmoid")
@@ -66,3 +69,53 @@ def downsample_here(side: int, last: bool) -> bool:
     after which no convolution follows, may reach 1x1.
     """
     return side >= 4 or (last and side >= 2)
+
+
+def _is_fusable_pool(pool: nn.Module) -> bool:
+    if isinstance(pool, nn.Identity):
+        return True
+    if type(pool) is not nn.AvgPool2d:
+        return False
+    two = (2, (2, 2))
+    return (
+        pool.kernel_size in two
+        and pool.stride in two
+        and pool.padding in (0, (0, 0))
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
+
+
+class FusedConvBlock(nn.Sequential):
+    """``nn.Sequential(conv, GroupNorm(C, C), ReLU, AvgPool2d(2, 2) or Identity)`` whose forward
+    runs everything after the convolution as one fused op,
+    :func:`hpd_fast.ops.instance_norm_relu_pool` (exact first and second derivatives).
+
+    The children, their names and their parameters are those of the plain ``nn.Sequential``, so
+    ``named_parameters()``, ``state_dict()`` and flat-parameter layouts are unchanged, and
+    ``torch.func.functional_call`` swaps the norm's weight and bias as usual. Should the
+    children no longer fit that pattern (replaced or sliced), it runs them one by one.
+
+    Input ``[B, C_in, H, W]``; output ``[B, C, H // 2, W // 2]`` (``[B, C, H, W]`` without pool).
+    """
+
+    def fusable(self) -> bool:
+        """Whether the children still form conv -> instance norm -> ReLU -> avg pool / none."""
+        if len(self) != 4:
+            return False
+        norm, act, pool = self[1], self[2], self[3]
+        return (
+            type(norm) is nn.GroupNorm
+            and norm.affine
+            and norm.num_groups == norm.num_channels
+            and type(act) is nn.ReLU
+            and _is_fusable_pool(pool)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fusable():
+            return super().forward(x)
+        conv, norm, _, pool = self
+        return instance_norm_relu_pool(
+            conv(x), norm.weight, norm.bias, eps=norm.eps, pool=not isinstance(pool, nn.Identity)
+        )

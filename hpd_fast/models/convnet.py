@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpd_fast.models._layers import as_size, check_norm, make_act, make_norm
+from hpd_fast.models._layers import FusedConvBlock, as_size, check_norm, make_act, make_norm
 
 __all__ = ["POOLINGS", "ConvNet", "depth_for_resolution"]
 
@@ -45,10 +45,17 @@ class ConvNet(nn.Module):
         act: "relu", "leakyrelu" or "sigmoid".
         pooling: "avgpooling", "maxpooling" (kernel 2, stride 2) or "none".
         im_size: input (H, W) or one int for square images.
+        fused: run each block's instance norm -> ReLU -> average pool (or no pool) as one fused
+            op (:func:`hpd_fast.ops.instance_norm_relu_pool`: fewer passes over memory, exact
+            first and second derivatives). Applies to norm="instancenorm" with act="relu" and
+            pooling "avgpooling" or "none"; other configurations ignore it. Parameters, their
+            names and order are the same either way; outputs equal to rounding.
 
     Attributes:
         features: ``nn.Sequential`` of ``depth`` blocks, each ``nn.Sequential(conv, norm, act,
-            pool)`` (identity modules where norm or pooling is "none").
+            pool)`` (identity modules where norm or pooling is "none"); a
+            :class:`~hpd_fast.models._layers.FusedConvBlock` (a subclass) when fused.
+        fused: whether the blocks run the fused op.
         classifier: ``nn.Linear(width * h * w, num_classes)``, (h, w) = ``feature_shape[1:]``.
         feature_shape: (width, h, w) of the last block's output.
 
@@ -65,6 +72,7 @@ class ConvNet(nn.Module):
         act: str = "relu",
         pooling: str = "avgpooling",
         im_size: int | Sequence[int] = (32, 32),
+        fused: bool = True,
     ) -> None:
         super().__init__()
         check_norm(norm)
@@ -77,6 +85,12 @@ class ConvNet(nn.Module):
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         h, w = as_size(im_size)
         make_act(act)  # validate the name before building anything
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        self.fused = (
+            fused and norm == "instancenorm" and act == "relu" and pooling in ("avgpooling", "none")
+        )
+        block_cls = FusedConvBlock if self.fused else nn.Sequential
 
         blocks = []
         c_in = channel
@@ -95,7 +109,7 @@ class ConvNet(nn.Module):
                     )
                 h, w = h // 2, w // 2
             blocks.append(
-                nn.Sequential(
+                block_cls(
                     nn.Conv2d(c_in, width, kernel_size=3, padding=1, bias=True),
                     make_norm(norm, width),
                     make_act(act),

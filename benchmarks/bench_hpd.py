@@ -1,0 +1,320 @@
+"""One H-PD iteration (render, loss, backward through the generator): time and peak memory.
+
+Providers, on the same latents, networks, expert parameters and seeds:
+
+* ``hpd_fast``   what :class:`hpd_fast.HPD` does per iteration: :func:`hpd_fast.render.render`
+                 (no generator graph; the backward re-renders 10 images at a time), the loss
+                 (MTT: :func:`trajectory_matching_loss`, ``mode="exact"``; DM: :func:`dm_loss`,
+                 all classes in one network pass and the fused segmented-mean distance; DC:
+                 :func:`dc_loss`), one backward to ``w``, ``f`` (and the student rate).
+* ``published``  the structure of the published GLaD / H-PD code, re-implemented: render every
+                 image without a graph, the loss on the detached images (MTT: the first-order
+                 two-pass scheme that builds a double-backward graph in its forward sweep, from
+                 ``bench_trajectory.published_two_pass``; DM: one network pass and one
+                 ``mean``/``sum`` per class; DC: one backward per class), then render again
+                 chunk by chunk with a graph to push the image gradient to the latents, and
+                 ``gc.collect()`` (plus ``torch.cuda.empty_cache()`` on CUDA) every iteration.
+
+The published MTT gradient is the first-order approximation; ``hpd_fast`` computes the exact
+one (one extra forward+backward per student step) and must still be faster (target: at least
+1.3x per MTT iteration on the CPU, with a lower peak memory).
+
+Workloads (IPC 1, 10 classes, ConvGenerator at stage 1, i.e. every synthesis stage rendered):
+
+* ``digits``:  1x8x8, ConvGenerator(latent 32, width 48, 4 stages), ConvNet-2 (width 128)
+* ``cifar32``: 3x32x32 random data, ConvGenerator(latent 32, width 64, 5 stages), ConvNet-3
+
+Environment: ``HPD_BENCH_STEPS`` (student steps, default 20), ``HPD_BENCH_ROUNDS`` (default 1),
+``HPD_BENCH_WORKLOADS`` (default ``digits,cifar32``), ``HPD_BENCH_ALGOS`` (default
+``mtt,dm,dc``), ``HPD_BENCH_MEMORY=0`` to skip the peak-memory subprocesses.
+
+Run::
+
+    .venv/bin/python -m pytest benchmarks/bench_hpd.py
+
+Results go to ``benchmarks/results/hpd_<device>[-<threads>t].json``; a table is printed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hpd_fast.augment import DSA
+from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
+from hpd_fast.distill.trajectory import trajectory_matching_loss
+from hpd_fast.generators import ConvGenerator
+from hpd_fast.models import get_model
+from hpd_fast.params import flatten_params
+from hpd_fast.render import render
+
+K = 10
+IPC = 1
+BATCH_REAL = 64  # real images per class for DM / DC
+STEPS = int(os.environ.get("HPD_BENCH_STEPS", "20"))
+ROUNDS = int(os.environ.get("HPD_BENCH_ROUNDS", "1"))
+WORKLOADS = tuple(os.environ.get("HPD_BENCH_WORKLOADS", "digits,cifar32").split(","))
+ALGOS = tuple(os.environ.get("HPD_BENCH_ALGOS", "mtt,dm,dc").split(","))
+MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
+PROVIDERS = ("hpd_fast", "published")
+SG_BATCH = 10  # images per render chunk, both providers
+
+_SPECS = {
+    "digits": {"shape": (1, 8, 8), "width": 48},
+    "cifar32": {"shape": (3, 32, 32), "width": 64},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# workload
+# --------------------------------------------------------------------------------------------
+
+
+def make_workload(name: str, device: str = "cpu") -> dict[str, Any]:
+    """Generator, latents at stage 1, student and expert-like parameters, a real batch."""
+    spec = _SPECS[name]
+    c, h, w = spec["shape"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        G = ConvGenerator(K, spec["shape"], latent_dim=32, width=spec["width"]).to(device).eval()
+        student = get_model("ConvNet", c, K, (h, w)).to(device)
+    G.requires_grad_(False)
+    labels = torch.arange(K, device=device).repeat_interleave(IPC)
+    lat_w, lat_f = G.sample_latents(labels, seed=1)
+    start = flatten_params(student)
+    gen = torch.Generator().manual_seed(2)
+    target = start + 0.01 * torch.randn(start.shape, generator=gen).to(device)
+    real_y = torch.arange(K).repeat_interleave(BATCH_REAL).to(device)
+    real_x = torch.randn(len(real_y), c, h, w, generator=gen).to(device)
+    return {
+        "G": G,
+        "w": lat_w,
+        "f": lat_f,
+        "labels": labels,
+        "student": student,
+        "start": start,
+        "target": target,
+        "real_x": real_x,
+        "real_y": real_y,
+        "dsa": DSA(),
+        "seeds": [derive_seed("bench", c) % (2**31 - 1) for c in range(K)],
+        "net_seed": 3,
+    }
+
+
+def _siamese(dsa: DSA):
+    return lambda x, s: dsa(x, s, siamese=True)
+
+
+# --------------------------------------------------------------------------------------------
+# hpd_fast: one iteration as HPD runs it
+# --------------------------------------------------------------------------------------------
+
+
+def hpd_fast_iteration(work: dict[str, Any], algorithm: str) -> float:
+    G, dev = work["G"], work["w"].device
+    w = work["w"].clone().requires_grad_(True)
+    f = work["f"].clone().requires_grad_(True)
+    images = render(G, w, f, 1, chunk_size=SG_BATCH)
+    c, h, wd = G.image_shape
+    inputs = [w, f]
+    if algorithm == "mtt":
+        lr = torch.tensor(0.01, device=dev, requires_grad=True)
+        inputs.append(lr)
+        loss = trajectory_matching_loss(
+            work["student"], images, work["labels"], lr, work["start"], work["target"],
+            syn_steps=STEPS, augment=work["dsa"], mode="exact", seed=0,
+        )  # fmt: skip
+    else:
+        net = random_network("ConvNet", c, K, (h, wd), work["net_seed"], dev)
+        args = (work["real_x"], work["real_y"], images, work["labels"], K)
+        kw = {"augment": _siamese(work["dsa"]), "seeds": work["seeds"]}
+        if algorithm == "dm":
+            loss = dm_loss(net.embed, *args, **kw)
+        else:
+            loss = dc_loss(net.requires_grad_(True), *args, **kw)
+    torch.autograd.backward(loss, inputs=inputs)
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# published: render twice, loss on detached images, re-render with a graph
+# --------------------------------------------------------------------------------------------
+
+
+def _published_loss_and_image_grad(work: dict[str, Any], algorithm: str, image_syn: Tensor):
+    """Fills ``image_syn.grad`` the way the published scripts do; returns the loss value."""
+    from bench_trajectory import published_two_pass
+
+    c, h, wd = work["G"].image_shape
+    labels = work["labels"]
+    dsa = work["dsa"]
+    if algorithm == "mtt":
+        lr = torch.tensor(0.01, device=image_syn.device, requires_grad=True)
+        return float(
+            published_two_pass(
+                work["student"], image_syn, labels, lr, work["start"], work["target"],
+                syn_steps=STEPS, augment=dsa, seed=0,
+            )
+        )  # fmt: skip
+    net = random_network("ConvNet", c, K, (h, wd), work["net_seed"], image_syn.device)
+    if algorithm == "dm":
+        loss = torch.zeros((), device=image_syn.device)
+        for k in range(K):
+            real = work["real_x"][work["real_y"] == k]
+            syn = image_syn[labels == k]
+            s = work["seeds"][k]
+            out_real = net.embed(dsa(real, s, siamese=True)).detach()
+            out_syn = net.embed(dsa(syn, s, siamese=True))
+            loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+        loss.backward()
+        return float(loss.detach())
+    net.requires_grad_(True)
+    params = list(net.parameters())
+    total = 0.0
+    for k in range(K):  # one backward per class, as published
+        real = dsa(work["real_x"][work["real_y"] == k], work["seeds"][k], siamese=True)
+        syn = dsa(image_syn[labels == k], work["seeds"][k], siamese=True)
+        yk = torch.full((real.shape[0],), k, device=real.device)
+        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), yk), params)]
+        ys = torch.full((syn.shape[0],), k, device=syn.device)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(syn), ys), params, create_graph=True)
+        loss = torch.zeros((), device=syn.device)
+        for gs, gr in zip(g_syn, g_real):
+            if gs.dim() == 1:
+                continue
+            a, b = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+            loss = loss + (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-6)).sum()
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def published_iteration(work: dict[str, Any], algorithm: str) -> float:
+    G = work["G"]
+    w, f = work["w"].clone(), work["f"].clone()
+    with torch.no_grad():
+        images = torch.cat(
+            [G.render(ws, fs, 1) for ws, fs in zip(w.split(SG_BATCH), f.split(SG_BATCH))]
+        )
+    image_syn = images.detach().requires_grad_(True)
+    loss = _published_loss_and_image_grad(work, algorithm, image_syn)
+    # gan_backward: render again, chunk by chunk, with a graph
+    gw, gf = [], []
+    for ws, fs, gx in zip(w.split(SG_BATCH), f.split(SG_BATCH), image_syn.grad.split(SG_BATCH)):
+        ws = ws.detach().clone().requires_grad_(True)
+        fs = fs.detach().clone().requires_grad_(True)
+        G.render(ws, fs, 1).backward(gx)
+        gw.append(ws.grad)
+        gf.append(fs.grad)
+    torch.cat(gw), torch.cat(gf)
+    gc.collect()
+    if image_syn.is_cuda:
+        torch.cuda.empty_cache()
+    return loss
+
+
+RUNNERS = {"hpd_fast": hpd_fast_iteration, "published": published_iteration}
+
+
+def run_once(workload: str, algorithm: str, provider: str) -> float:
+    """Build the workload and run one iteration (used by the memory subprocess)."""
+    return RUNNERS[provider](make_workload(workload), algorithm)
+
+
+# --------------------------------------------------------------------------------------------
+# the suite
+# --------------------------------------------------------------------------------------------
+
+_ROWS: list[dict[str, Any]] = []
+
+
+def _memory(workload: str, algorithm: str, provider: str) -> dict[str, Any] | None:
+    if not MEASURE_MEMORY:
+        return None
+    import _util
+
+    setup = f"""
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
+        import bench_hpd as B
+        work = B.make_workload({workload!r})
+        B.RUNNERS[{provider!r}](work, {algorithm!r})  # warm-up: allocator and kernels
+    """
+    stmt = f"B.RUNNERS[{provider!r}](work, {algorithm!r})"
+    env = dict(os.environ, HPD_BENCH_STEPS=str(STEPS))
+    return _util.peak_memory_subprocess(setup, stmt, env=env)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_hpd_iteration(benchmark, workload: str, algorithm: str, provider: str) -> None:
+    import _util
+
+    work = make_workload(workload)
+    fn = RUNNERS[provider]
+    fn(work, algorithm)  # warm-up
+    loss = benchmark.pedantic(fn, args=(work, algorithm), rounds=ROUNDS, iterations=1)
+    assert loss == loss  # finite enough to be a number
+    row = {
+        "workload": workload,
+        "algorithm": algorithm,
+        "provider": provider,
+        "syn_steps": STEPS if algorithm == "mtt" else None,
+        "time": _util.stats_of(benchmark),
+        "memory": _memory(workload, algorithm, provider),
+    }
+    _ROWS.append(row)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    import _util
+
+    by = {(r["workload"], r["algorithm"], r["provider"]): r for r in rows}
+    out = []
+    for (wl, algo, prov), r in sorted(by.items()):
+        t = (r["time"] or {}).get("median_s")
+        base = by.get((wl, algo, "published"))
+        tb = (base["time"] or {}).get("median_s") if base else None
+        mem = (r["memory"] or {}).get("peak_delta_mib")
+        out.append(
+            [
+                wl,
+                algo,
+                prov,
+                f"{t:.3f}" if t else None,
+                f"{tb / t:.2f}" if t and tb else None,
+                f"{mem:.0f}" if mem is not None else None,
+            ]
+        )
+    return _util.markdown_table(
+        ["workload", "algorithm", "provider", "median s", "x vs published", "peak extra MiB"],
+        out,
+        "lllrrr",
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results(bench_summary: list):
+    yield
+    if not _ROWS:
+        return
+    import _util
+
+    threads = torch.get_num_threads()
+    path = _util.results_path("hpd", "cpu", f"{threads}t")
+    _util.write_json(path, {"meta": _util.run_metadata("cpu"), "rows": _ROWS})
+    title = f"H-PD iteration ({STEPS} student steps for MTT); results in {path.name}"
+    bench_summary.append((title, _table(_ROWS).splitlines()))
+
+
+if __name__ == "__main__":  # python benchmarks/bench_hpd.py WORKLOAD ALGO PROVIDER
+    print(run_once(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,0 +1,429 @@
+"""Trajectory matching: time and peak memory of one loss forward + backward.
+
+Providers, side by side on the same workload (ConvNet-3, width 128, 32x32, 10 classes, DSA):
+
+* ``unrolled``            autograd through every step (the original MTT code)
+* ``exact``               :func:`trajectory_matching_loss` default, constant-memory adjoint
+* ``first_order``         the library's first-order mode
+* ``published_two_pass``  the first-order scheme as the TESLA / GLaD / H-PD code structures it
+                          (re-implemented below: a forward sweep that builds a double-backward
+                          graph at every step, then a second sweep with a per-step surrogate)
+
+Grid (environment variables):
+
+* default (a 2-core CPU can afford it): ``syn_steps`` 10, 20 at IPC 10
+* ``HPD_BENCH_FULL=1``: ``syn_steps`` 10, 20, 40, 80 at IPC 1 and 10
+* overrides: ``HPD_BENCH_STEPS="10,80"``, ``HPD_BENCH_IPC="1"``, ``HPD_BENCH_MODES="exact"``,
+  ``HPD_BENCH_ROUNDS`` (timed rounds; default 1 on CPU, 3 on CUDA), ``HPD_BENCH_DEVICE``
+  (default ``cuda`` when available), ``HPD_BENCH_MEMORY=0`` to skip the memory subprocesses.
+
+Peak memory is measured in a fresh subprocess per configuration (this file run as a script):
+CPU peak RSS (``VmHWM``, reset just before the call) minus the RSS just before it, and on CUDA
+``torch.cuda.max_memory_allocated``. A configuration whose memory run fails for lack of
+memory is recorded as ``oom`` and not timed.
+
+Run::
+
+    PYTHONPATH=. pytest benchmarks/bench_trajectory.py -s
+
+Results go to ``benchmarks/results/trajectory_<device>.json`` and a table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpd_fast.augment import DSA
+from hpd_fast.distill.trajectory import batch_schedule, trajectory_matching_loss
+from hpd_fast.models.convnet import ConvNet
+from hpd_fast.params import flatten_params, functional_forward
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NUM_CLASSES = 10
+WIDTH, DEPTH, RES = 128, 3, 32
+MODES = ("unrolled", "exact", "first_order", "published_two_pass")
+
+
+def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = os.environ.get(name)
+    return tuple(int(v) for v in raw.split(",")) if raw else default
+
+
+def _device() -> str:
+    return os.environ.get("HPD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+FULL = os.environ.get("HPD_BENCH_FULL", "0") == "1"
+STEPS = _env_ints("HPD_BENCH_STEPS", (10, 20, 40, 80) if FULL else (10, 20))
+IPCS = _env_ints("HPD_BENCH_IPC", (1, 10) if FULL else (10,))
+BENCH_MODES = tuple(os.environ.get("HPD_BENCH_MODES", ",".join(MODES)).split(","))
+ROUNDS = int(os.environ.get("HPD_BENCH_ROUNDS", "3" if _device().startswith("cuda") else "1"))
+MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
+
+
+# --------------------------------------------------------------------------------------------
+# the published two-pass first-order scheme (benchmark baseline, not part of the library)
+# --------------------------------------------------------------------------------------------
+
+
+def _ce(logits: Tensor, y: Tensor) -> Tensor:
+    if y.is_floating_point():
+        return -(y * logits.log_softmax(1)).sum(1).mean()
+    return F.cross_entropy(logits, y)
+
+
+def published_two_pass(
+    student: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    syn_lr: Tensor,
+    start: Tensor,
+    target: Tensor,
+    *,
+    syn_steps: int,
+    batch_syn: int | None = None,
+    augment: Callable[[Tensor, int], Tensor] | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """First-order trajectory matching computed the way the published code organises it.
+
+    Pass 1 walks the trajectory and, at every step, computes ``g_t`` with ``create_graph=True``
+    (a double-backward graph nobody uses), keeping each step's augmented batch with its graph
+    back to ``images`` and the running sum ``G = sum_t g_t``. Pass 2 recomputes ``g_t`` at the
+    stored ``theta_t`` with a graph and differentiates, with respect to the batch, the surrogate
+    ``(alpha^2 <g_t, g_t> + 2 alpha <g_t, alpha (G - stopgrad g_t) - theta_0 + theta*>) / D``
+    whose gradient in ``g_t`` is ``-alpha lambda_N``. ``alpha`` enters both passes as a Python
+    float; its gradient comes from the scalar ``||theta_0 - alpha G - theta*||^2 / D``.
+
+    Accumulates into ``images.grad`` and ``syn_lr.grad`` (when they require grad) and returns
+    the loss (0-dim, detached). Hard or soft labels; no label gradient (as published).
+    """
+    sched = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
+    alpha = float(syn_lr.detach())
+    start, target = start.detach(), target.detach()
+    dist = (start - target).pow(2).sum()
+
+    params = [start.clone().requires_grad_(True)]
+    batches: list[Tensor] = []
+    augmented: list[Tensor] = []
+    g_sum = torch.zeros_like(start)
+    for idx, s in zip(sched.indices, sched.aug_seeds, strict=True):
+        idx = idx.to(images.device)
+        xb = images[idx]
+        xa = augment(xb, s) if augment is not None else xb
+        batches.append(xb)
+        augmented.append(xa)
+        w = params[-1].detach().clone().requires_grad_(True)
+        ce = _ce(functional_forward(student, w, xa), labels[idx])
+        (g,) = torch.autograd.grad(ce, w, create_graph=True, retain_graph=True)
+        params.append(w - alpha * g.detach())
+        g_sum = g_sum + g.detach()
+
+    grad_x = torch.zeros_like(images) if images.requires_grad else None
+    if grad_x is not None:
+        for t, idx in enumerate(sched.indices):
+            idx = idx.to(images.device)
+            w = params[t]
+            ce = _ce(functional_forward(student, w, augmented[t]), labels[idx])
+            (g,) = torch.autograd.grad(ce, w, create_graph=True, retain_graph=True)
+            square = alpha**2 * g.dot(g)
+            single = 2 * alpha * g.dot(alpha * (g_sum - g.detach()) - start + target)
+            (gx,) = torch.autograd.grad((square + single) / dist, batches[t])
+            grad_x.index_add_(0, idx, gx)
+        images.grad = grad_x if images.grad is None else images.grad + grad_x
+
+    with torch.enable_grad():
+        lr = syn_lr.detach().requires_grad_(True)
+        loss = (start - lr * g_sum - target).pow(2).sum() / dist
+        (grad_lr,) = torch.autograd.grad(loss, lr)
+    if syn_lr.requires_grad:
+        syn_lr.grad = grad_lr if syn_lr.grad is None else syn_lr.grad + grad_lr
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# workload
+# --------------------------------------------------------------------------------------------
+
+
+def make_workload(ipc: int, device: str, dtype: torch.dtype = torch.float32) -> dict:
+    """ConvNet-3 (width 128, 32x32) student, ``10 * ipc`` images, expert-like start/target."""
+    torch.manual_seed(0)
+    net = ConvNet(3, NUM_CLASSES, WIDTH, DEPTH, im_size=(RES, RES)).to(device, dtype)
+    start = flatten_params(net)
+    target = start + 0.01 * torch.randn_like(start)
+    images = torch.randn(NUM_CLASSES * ipc, 3, RES, RES, device=device, dtype=dtype)
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(ipc)
+    return dict(net=net, start=start, target=target, images=images, labels=labels, dsa=DSA())
+
+
+def run_once(work: dict, mode: str, syn_steps: int) -> float:
+    """One forward + backward of ``mode``; returns the loss."""
+    x = work["images"].clone().requires_grad_(True)
+    lr = torch.tensor(0.01, device=x.device, dtype=x.dtype, requires_grad=True)
+    args = (work["net"], x, work["labels"], lr, work["start"], work["target"])
+    kw = dict(syn_steps=syn_steps, augment=work["dsa"], seed=0)
+    if mode == "published_two_pass":
+        loss = published_two_pass(*args, **kw)
+    else:
+        loss = trajectory_matching_loss(*args, mode=mode, **kw)
+        loss.backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# peak memory in a fresh process
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found")
+
+
+def _measure_in_this_process(mode: str, syn_steps: int, ipc: int, device: str) -> dict:
+    """Body of the memory subprocess: one call, peak memory above the pre-call baseline."""
+    work = make_workload(ipc, device)
+    if device == "cpu":
+        # Fail with an allocation error instead of waking the OOM killer on a shared machine.
+        with open("/proc/self/statm") as f:
+            vsize = int(f.read().split()[0]) * resource.getpagesize()
+        limit = vsize + int(0.85 * _mem_available_bytes())
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    else:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_cuda = torch.cuda.memory_allocated() if device != "cpu" else 0
+    _reset_peak_rss()
+    before = _proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    try:
+        run_once(work, mode, syn_steps)
+    except (MemoryError, RuntimeError) as exc:
+        if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+            raise
+        return {"oom": True}
+    seconds = time.perf_counter() - t0
+    out = {
+        "oom": False,
+        # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child spawned by
+        # the (large) benchmark process would report the parent's peak.
+        "peak_rss_bytes": _proc_status_bytes("VmHWM") - before,
+        "fresh_process_seconds": seconds,
+    }
+    if device != "cpu":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
+    return out
+
+
+def measure_peak_memory(mode: str, syn_steps: int, ipc: int, device: str) -> dict:
+    """Run :func:`_measure_in_this_process` in a fresh interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, __file__, "--peak-memory", mode, str(syn_steps), str(ipc), device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        # Killed (e.g. SIGKILL by the OOM killer) counts as out of memory; anything else fails.
+        if proc.returncode < 0:
+            return {"oom": True}
+        raise RuntimeError(f"memory subprocess failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+_RESULTS: list[dict] = []
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _fmt_mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def _table(rows: list[dict]) -> str:
+    """Markdown table; ratios are against ``unrolled`` at the same (IPC, syn_steps)."""
+    base = {(r["ipc"], r["syn_steps"]): r for r in rows if r["mode"] == "unrolled"}
+    mem_key = "peak_cuda_bytes" if any("peak_cuda_bytes" in r for r in rows) else "peak_rss_bytes"
+    lines = [
+        f"| IPC | steps | mode | median s | IQR s | time / unrolled | peak MiB ({mem_key}) "
+        "| mem / unrolled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["ipc"], r["syn_steps"], MODES.index(r["mode"]))):
+        ref = base.get((r["ipc"], r["syn_steps"]))
+        t_ratio = m_ratio = "-"
+        if r.get("median_s") and ref and ref.get("median_s"):
+            t_ratio = f"{r['median_s'] / ref['median_s']:.2f}"
+        if r.get(mem_key) and ref and ref.get(mem_key):
+            m_ratio = f"{r[mem_key] / ref[mem_key]:.2f}"
+        median = "oom" if r.get("oom") else f"{r['median_s']:.2f}"
+        iqr = "-" if r.get("oom") else f"{r['iqr_s']:.2f}"
+        lines.append(
+            f"| {r['ipc']} | {r['syn_steps']} | {r['mode']} | {median} | {iqr} | {t_ratio} "
+            f"| {_fmt_mib(r.get(mem_key))} | {m_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results(request):
+    yield
+    if not _RESULTS:
+        return
+    device = _device()
+    import triton  # noqa: F401  (version only; the benchmark itself does not use it)
+
+    payload = {
+        "benchmark": "trajectory_matching_loss forward+backward",
+        "workload": {
+            "student": f"ConvNet depth {DEPTH} width {WIDTH} instancenorm",
+            "image_size": RES,
+            "num_classes": NUM_CLASSES,
+            "augment": "DSA (default strategy)",
+            "batch_syn": "full (M)",
+            "dtype": "float32",
+        },
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "commit": _commit(),
+        "grid": "full" if FULL else "default",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": _RESULTS,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if device.startswith("cuda") else "cpu"
+    (RESULTS_DIR / f"trajectory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = _table(_RESULTS)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    text = f"\ntrajectory matching on {payload['device']} (torch {torch.__version__})\n{table}\n"
+    if reporter is not None:
+        reporter.write_line(text)
+    else:
+        print(text)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks and a parity check of the baseline
+# --------------------------------------------------------------------------------------------
+
+
+def test_published_two_pass_matches_first_order():
+    """The baseline computes what ``mode="first_order"`` computes (so timings compare)."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    net = ConvNet(3, 4, 6, 2, im_size=(8, 8)).to(dt)
+    start = flatten_params(net)
+    target = start + 0.05 * torch.randn_like(start)
+    images = torch.randn(6, 3, 8, 8, dtype=dt)
+    labels = torch.arange(6) % 4
+    grads = []
+    for fn in ("published", "library"):
+        x = images.clone().requires_grad_(True)
+        lr = torch.tensor(0.1, dtype=dt, requires_grad=True)
+        kw = dict(syn_steps=5, batch_syn=4, augment=DSA(), seed=7)
+        if fn == "published":
+            loss = published_two_pass(net, x, labels, lr, start, target, **kw)
+        else:
+            loss = trajectory_matching_loss(
+                net, x, labels, lr, start, target, mode="first_order", **kw
+            )
+            loss.backward()
+        grads.append((loss.detach(), x.grad, lr.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m in BENCH_MODES])
+@pytest.mark.parametrize("syn_steps", STEPS)
+@pytest.mark.parametrize("ipc", IPCS)
+def test_trajectory_benchmark(benchmark, ipc: int, syn_steps: int, mode: str):
+    device = _device()
+    row: dict = {"mode": mode, "syn_steps": syn_steps, "ipc": ipc, "num_images": 10 * ipc}
+    if MEASURE_MEMORY:
+        row.update(measure_peak_memory(mode, syn_steps, ipc, device))
+        if row["oom"]:
+            _RESULTS.append(row)
+            pytest.skip(f"{mode} at {syn_steps} steps, IPC {ipc} does not fit in memory")
+    work = make_workload(ipc, device)
+    benchmark.group = f"trajectory IPC {ipc} steps {syn_steps}"
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "mode"})
+    benchmark.pedantic(run_once, args=(work, mode, syn_steps), rounds=ROUNDS, iterations=1)
+    st = benchmark.stats.stats
+    row.update(
+        rounds=st.rounds,
+        median_s=st.median,
+        iqr_s=st.iqr,
+        min_s=st.min,
+        mean_s=st.mean,
+        stddev_s=st.stddev if st.rounds > 1 else 0.0,
+    )
+    _RESULTS.append(row)
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak-memory":
+    _mode, _steps, _ipc, _device_arg = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    print(json.dumps(_measure_in_this_process(_mode, _steps, _ipc, _device_arg)))

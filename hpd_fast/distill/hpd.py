@@ -1,0 +1,991 @@
+"""H-PD: progressive latent optimisation over a staged generator, with CRFD selection.
+
+The synthetic set is ``ipc`` images per class rendered by a frozen generator from latents
+``(w, f_k)``. Starting at stage ``k = 1``:
+
+1. ``iterations_per_stage`` steps of SGD (momentum 0.5, separate rates for ``w`` and ``f``) on a
+   distillation loss of the rendered images: trajectory matching (``"mtt"``), distribution
+   matching (``"dm"``) or gradient matching (``"dc"``). Images are rendered with
+   :func:`hpd_fast.render` (no generator graph is kept; the backward re-renders chunk by chunk).
+2. Every ``select_every`` iterations and at the end of the stage the current iterate is scored
+   (CRFD by default, see :mod:`hpd_fast.distill.crfd`); the best iterate of the stage is kept as
+   a copy (clones of ``w`` and ``f``; later optimiser steps cannot touch it).
+3. ``f`` is pushed one stage deeper (``f_{k+1} = stage_k(f_k, w)``, then ``nan_to_num`` and a
+   clamp to ``[-10, 10]``), from the stage's best iterate (``continue_from="best"``) or its
+   last one, and the optimiser is rebuilt. This repeats up to the last stage before the image.
+
+The result is the stage and iterate with the lowest score over all stages.
+
+Reproducibility: every random choice of iteration ``i`` at stage ``k`` (expert and start epoch,
+minibatch schedule and augmentation seeds, random networks, real batches) comes from a private
+``torch.Generator`` seeded by ``(seed, k, i)``; the global RNG is never used (networks are built
+inside ``torch.random.fork_rng``). Checkpoints therefore only need tensors and counters: a run
+interrupted and restarted with the same ``checkpoint_dir`` gives the same result as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from hpd_fast.augment import DSA
+from hpd_fast.data.dataset import DistillData
+from hpd_fast.distill.crfd import CRFD
+from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
+from hpd_fast.distill.result import DistillResult
+from hpd_fast.distill.trajectory import MODES, trajectory_matching_loss
+from hpd_fast.generators.base import StagedGenerator
+from hpd_fast.models import MODEL_NAMES, get_model
+from hpd_fast.render import render
+
+__all__ = ["ALGORITHMS", "DEFAULTS", "HPD", "NonFiniteLossError", "SELECTIONS"]
+
+ALGORITHMS = ("mtt", "dm", "dc")
+SELECTIONS = ("crfd", "eval", "last")
+
+#: Per-algorithm defaults of ``iterations_per_stage``, ``lr_w`` and ``lr_f``, chosen for the
+#: embedded digits setting (8x8, ``generators.pretrained("digits")``, ConvNet-2 networks): each
+#: step moves the latents by a few percent of their RMS. The published StyleGAN-XL settings
+#: differ because their latents have other sizes and scales (MTT: lr_w 10, lr_f 1e4, 100
+#: iterations per layer; DM: lr_w 0.01, lr_f 10; DC: lr_w 1e-3, lr_f 1).
+DEFAULTS: dict[str, dict[str, float | int]] = {
+    "mtt": {"iterations_per_stage": 25, "lr_w": 10.0, "lr_f": 10.0},
+    "dm": {"iterations_per_stage": 30, "lr_w": 0.1, "lr_f": 0.2},
+    "dc": {"iterations_per_stage": 30, "lr_w": 0.03, "lr_f": 0.05},
+}
+
+_FORMAT = "hpd_fast.HPDCheckpoint"
+_VERSION = 1
+_CKPT = "checkpoint.safetensors"
+_MAX_AUG_SEED = 2**31 - 1
+_F_CLAMP = 10.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The distillation loss (or its gradient) became NaN/inf; the message names stage and step."""
+
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Candidate:
+    """A scored (or to be scored) iterate: private copies of its latents."""
+
+    iteration: int
+    w: Tensor
+    f: Tensor
+
+
+def _copy(t: Tensor) -> Tensor:
+    """A detached private copy in the plain contiguous layout."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _pos(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+def _tensor_fingerprint(tensors: Sequence[Tensor]) -> str:
+    """A cheap identity of some tensors: shapes and a strided sample of their values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach()
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        flat = t.reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        h.update(flat[::stride].to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resolve_augment(augment: Any) -> DSA | Callable[..., Tensor] | None:
+    if augment is None or (isinstance(augment, str) and augment.lower() in ("", "none")):
+        return None
+    if augment is DSA or (isinstance(augment, str) and augment.lower() == "dsa"):
+        return DSA()
+    if isinstance(augment, str):
+        return DSA(strategy=augment)
+    if callable(augment):
+        return augment
+    raise ValueError(
+        "augment must be 'dsa', a DSA strategy string, a DSA instance, a callable "
+        f"augment(x, seed[, siamese]) or None, got {type(augment).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+class HPD:
+    """Hierarchical parameterization distillation over a staged generator.
+
+    Args:
+        generator: a :class:`~hpd_fast.generators.StagedGenerator` (frozen; it renders
+            ``[M, C, H, W]`` images normalised like ``dataset``).
+        dataset: the real data (:func:`hpd_fast.data.load`); its training split is distilled.
+        ipc: images per class (``M = ipc * K``, labels class-major).
+        algorithm: ``"mtt"`` (trajectory matching; needs ``experts``), ``"dm"`` or ``"dc"``.
+        experts: expert trajectories for ``"mtt"`` (:func:`hpd_fast.experts.load`): an object
+            with ``trajectories`` (each ``[epochs + 1, P]``), ``model_config``, ``lr`` and
+            ``check_student(student)``.
+        iterations_per_stage: optimiser steps per stage (default: :data:`DEFAULTS`).
+        lr_w, lr_f: SGD rates of ``w`` and ``f`` (default: :data:`DEFAULTS`).
+        momentum: SGD momentum of the latents (and of the learnable student rate).
+        last_stage: the deepest stage optimised (default: ``generator.num_stages``, the last
+            one before the image head).
+        continue_from: ``"best"`` (the stage's best-scored iterate is advanced to the next stage)
+            or ``"last"`` (its final iterate).
+        syn_steps, expert_epochs, max_start_epoch, batch_syn, lr_lr, lr_teacher, mtt_mode:
+            trajectory matching: student steps per iteration, expert epochs to match, start
+            epochs drawn from ``[0, max_start_epoch)`` (default ``min(5, epochs -
+            expert_epochs + 1)``), student minibatch (None: all images), learning rate of the
+            learnable student rate, its initial value (default ``experts.lr``), and the gradient
+            (``"exact"``, ``"first_order"`` or ``"unrolled"``; see
+            :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`).
+        batch_real: real images per class in each DM / DC iteration.
+        model, model_kwargs: the random network of DM / DC (a name of
+            :data:`hpd_fast.models.MODEL_NAMES`; DM uses its ``embed``).
+        augment: ``"dsa"`` (default), a DSA strategy string or instance, a callable
+            ``augment(x, seed)``, or None. DM / DC apply it with one seed per class to the real
+            and synthetic batch (siamese when it is a DSA).
+        select: ``"crfd"`` (default), ``"eval"`` (train networks on each candidate with
+            :func:`hpd_fast.evaluate` and keep the most accurate, expensive) or ``"last"`` (no
+            scoring; the final iterate of the last stage).
+        select_every: score the iterate every this many iterations (and always at the end of
+            a stage; iterate 0 of each stage is scored too).
+        crfd_models, crfd_syn_augments, crfd_real_passes, crfd_model, crfd_model_kwargs:
+            see :class:`~hpd_fast.distill.crfd.CRFD`.
+        select_batch: candidates scored together in one batched CRFD pass.
+        eval_kwargs: keyword arguments of :func:`hpd_fast.evaluate` for ``select="eval"``.
+        chunk_size: images re-rendered per backward chunk (None keeps the generator graph).
+        checkpoint_dir: folder for checkpoints (written at every stage boundary, every
+            ``checkpoint_every`` iterations and at the end). If it holds a checkpoint of the same
+            run, :meth:`fit` resumes from it.
+        checkpoint_every: iterations between checkpoints within a stage (None: only at stage
+            boundaries and at the end).
+        seed: the seed of everything random.
+        callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
+            "hpd"}`` (``w``, ``f``: the current latents, detached views; do not modify them); an
+            exception raised there stops :meth:`fit` (the last checkpoint stays).
+
+    Raises:
+        ValueError / TypeError: on bad input, naming the argument (ipc < 1, a generator with no
+            stages, class counts or image shapes that differ between dataset and generator,
+            ``"mtt"`` without experts, ...).
+    """
+
+    def __init__(
+        self,
+        generator: StagedGenerator,
+        dataset: DistillData,
+        ipc: int = 1,
+        algorithm: str = "mtt",
+        experts: Any = None,
+        *,
+        iterations_per_stage: int | None = None,
+        lr_w: float | None = None,
+        lr_f: float | None = None,
+        momentum: float = 0.5,
+        last_stage: int | None = None,
+        continue_from: str = "best",
+        syn_steps: int = 20,
+        expert_epochs: int = 3,
+        max_start_epoch: int | None = None,
+        batch_syn: int | None = None,
+        lr_lr: float = 1e-6,
+        lr_teacher: float | None = None,
+        mtt_mode: str = "exact",
+        batch_real: int = 64,
+        model: str = "ConvNet",
+        model_kwargs: Mapping[str, Any] | None = None,
+        augment: Any = "dsa",
+        select: str = "crfd",
+        select_every: int = 10,
+        select_batch: int = 4,
+        crfd_models: int = 3,
+        crfd_syn_augments: int = 4,
+        crfd_real_passes: int = 1,
+        crfd_model: str = "ConvNet",
+        crfd_model_kwargs: Mapping[str, Any] | None = None,
+        eval_kwargs: Mapping[str, Any] | None = None,
+        chunk_size: int | None = 10,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        seed: int = 0,
+        callback: Callback | None = None,
+    ) -> None:
+        # ---- generator and dataset
+        if not isinstance(generator, StagedGenerator):
+            raise TypeError(
+                f"generator must be a hpd_fast.generators.StagedGenerator, got "
+                f"{type(generator).__name__}"
+            )
+        stages = getattr(generator, "num_stages", 0)
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(
+                f"generator has no stages (num_stages={stages!r}): H-PD needs at least one "
+                "synthesis stage to optimise"
+            )
+        if not isinstance(dataset, DistillData):
+            raise TypeError(
+                f"dataset must be a DistillData (from hpd_fast.data.load), got "
+                f"{type(dataset).__name__}"
+            )
+        if generator.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"class counts disagree: the generator has num_classes={generator.num_classes} "
+                f"but dataset {dataset.name!r} has {dataset.num_classes} classes"
+            )
+        data_shape = (dataset.channels, *dataset.im_size)
+        if tuple(generator.image_shape) != data_shape:
+            raise ValueError(
+                f"the generator renders images of shape {tuple(generator.image_shape)} but "
+                f"dataset {dataset.name!r} has images of shape {data_shape}"
+            )
+        self.ipc = _int("ipc", ipc, 1)
+        counts = dataset.class_counts()
+        if int(counts.min()) < 1:
+            empty = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"dataset has no training image of class(es) {empty}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+        if continue_from not in ("best", "last"):
+            raise ValueError(f"continue_from must be 'best' or 'last', got {continue_from!r}")
+        if mtt_mode not in MODES:
+            raise ValueError(f"mtt_mode must be one of {MODES}, got {mtt_mode!r}")
+        for name, value in (("model", model), ("crfd_model", crfd_model)):
+            if value not in MODEL_NAMES:
+                raise ValueError(f"{name} must be one of {', '.join(MODEL_NAMES)}, got {value!r}")
+
+        self.generator = generator.requires_grad_(False)
+        self.dataset = dataset
+        self.algorithm = algorithm
+        self.device = generator.device
+        self.num_classes = dataset.num_classes
+        defaults = DEFAULTS[algorithm]
+        self.iterations_per_stage = _int(
+            "iterations_per_stage",
+            defaults["iterations_per_stage"]
+            if iterations_per_stage is None
+            else iterations_per_stage,
+            1,
+        )
+        self.lr_w = _pos("lr_w", defaults["lr_w"] if lr_w is None else lr_w, allow_zero=True)
+        self.lr_f = _pos("lr_f", defaults["lr_f"] if lr_f is None else lr_f, allow_zero=True)
+        self.momentum = _pos("momentum", momentum, allow_zero=True)
+        self.last_stage = stages if last_stage is None else _int("last_stage", last_stage, 1)
+        if self.last_stage > stages:
+            raise ValueError(
+                f"last_stage must be <= generator.num_stages = {stages}, got {self.last_stage}"
+            )
+        self.continue_from = continue_from
+        self.batch_real = _int("batch_real", batch_real, 1)
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.augment = _resolve_augment(augment)
+        self.select = select
+        self.select_every = _int("select_every", select_every, 1)
+        self.select_batch = _int("select_batch", select_batch, 1)
+        self.crfd_kwargs = {
+            "num_models": _int("crfd_models", crfd_models, 1),
+            "syn_augments": _int("crfd_syn_augments", crfd_syn_augments, 1),
+            "real_passes": _int("crfd_real_passes", crfd_real_passes, 1),
+            "model": crfd_model,
+            "model_kwargs": dict(crfd_model_kwargs or {}),
+        }
+        self.eval_kwargs = dict(eval_kwargs or {})
+        if chunk_size is not None:
+            chunk_size = _int("chunk_size", chunk_size, 1)
+        self.chunk_size = chunk_size
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = (
+            None if checkpoint_every is None else _int("checkpoint_every", checkpoint_every, 1)
+        )
+        self.seed = _int("seed", seed, 0)
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable(info: dict) or None")
+        self.callback = callback
+
+        # ---- trajectory matching
+        self.experts = experts
+        self.mtt_mode = mtt_mode
+        self.syn_steps = _int("syn_steps", syn_steps, 1)
+        self.expert_epochs = _int("expert_epochs", expert_epochs, 1)
+        self.lr_lr = _pos("lr_lr", lr_lr, allow_zero=True)
+        m = self.ipc * self.num_classes
+        if batch_syn is not None:
+            batch_syn = _int("batch_syn", batch_syn, 1)
+            if batch_syn > m:
+                raise ValueError(f"batch_syn must be <= ipc * num_classes = {m}, got {batch_syn}")
+        self.batch_syn = batch_syn
+        self.student: nn.Module | None = None
+        self.max_start_epoch = 0
+        self.lr_teacher = 0.0
+        if algorithm == "mtt":
+            if experts is None:
+                raise ValueError(
+                    "algorithm='mtt' needs experts= (expert trajectories: "
+                    "hpd_fast.experts.train_experts(...) or hpd_fast.experts.load(path))"
+                )
+            self._setup_experts(max_start_epoch, lr_teacher)
+
+        self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
+        self.config = self._make_config()
+
+    # ------------------------------------------------------------------------------ set-up
+    def _setup_experts(self, max_start_epoch: int | None, lr_teacher: float | None) -> None:
+        ex = self.experts
+        for attr in ("trajectories", "model_config", "lr", "check_student"):
+            if not hasattr(ex, attr):
+                raise TypeError(
+                    f"experts must provide {attr!r} (use hpd_fast.experts.load or train_experts)"
+                )
+        if len(ex.trajectories) < 1:
+            raise ValueError("experts holds no trajectories")
+        cfg = dict(ex.model_config)
+        data_shape = [self.dataset.channels, *self.dataset.im_size]
+        got = [cfg.get("channel"), *list(cfg.get("im_size", data_shape))]
+        if cfg.get("num_classes", self.num_classes) != self.num_classes or (
+            cfg.get("channel") is not None and got != data_shape
+        ):
+            raise ValueError(
+                f"experts were trained for {cfg.get('num_classes')} classes and images "
+                f"{got}, but the dataset has {self.num_classes} classes and images {data_shape}"
+            )
+        # Only the structure matters (parameters come from the trajectories); building it must
+        # not consume the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            if hasattr(ex, "make_student"):
+                student = ex.make_student()
+            else:
+                student = get_model(
+                    cfg["name"],
+                    cfg.get("channel", self.dataset.channels),
+                    cfg.get("num_classes", self.num_classes),
+                    tuple(cfg.get("im_size", self.dataset.im_size)),
+                    **cfg.get("kwargs", {}),
+                )
+        ex.check_student(student)
+        self.student = student.to(self.device).requires_grad_(False)
+        epochs = int(getattr(ex, "epochs", ex.trajectories[0].shape[0] - 1))
+        if self.expert_epochs > epochs:
+            raise ValueError(
+                f"expert_epochs={self.expert_epochs} exceeds the experts' {epochs} epochs"
+            )
+        limit = epochs - self.expert_epochs + 1
+        if max_start_epoch is None:
+            max_start_epoch = min(5, limit)
+        self.max_start_epoch = _int("max_start_epoch", max_start_epoch, 1)
+        if self.max_start_epoch > limit:
+            raise ValueError(
+                f"max_start_epoch must be <= epochs - expert_epochs + 1 = {limit} (experts have "
+                f"{epochs} epochs, expert_epochs={self.expert_epochs}), got {max_start_epoch}"
+            )
+        self.num_experts = len(ex.trajectories)
+        self.lr_teacher = _pos("lr_teacher", ex.lr if lr_teacher is None else lr_teacher)
+
+    def _make_config(self) -> dict[str, Any]:
+        """The settings that define the run (checked when resuming) plus descriptions."""
+        g = self.generator
+        aug = self.augment
+        cfg: dict[str, Any] = {
+            "algorithm": self.algorithm,
+            "ipc": self.ipc,
+            "iterations_per_stage": self.iterations_per_stage,
+            "lr_w": self.lr_w,
+            "lr_f": self.lr_f,
+            "momentum": self.momentum,
+            "first_stage": 1,
+            "last_stage": self.last_stage,
+            "continue_from": self.continue_from,
+            "select": self.select,
+            "select_every": self.select_every,
+            "select_batch": self.select_batch,
+            "crfd": self.crfd_kwargs,
+            "eval_kwargs": {k: repr(v) for k, v in self.eval_kwargs.items()},
+            "augment": repr(aug) if aug is not None else None,
+            "chunk_size": self.chunk_size,
+            "seed": self.seed,
+            "dataset": {
+                "name": self.dataset.name,
+                "num_train": len(self.dataset),
+                "num_classes": self.num_classes,
+                "image_shape": [self.dataset.channels, *self.dataset.im_size],
+                "fingerprint": _tensor_fingerprint(
+                    [self.dataset.train_images, self.dataset.train_labels]
+                ),
+            },
+            "generator": {
+                "type": type(g).__name__,
+                "num_stages": g.num_stages,
+                "fingerprint": _tensor_fingerprint(list(g.state_dict().values())),
+            },
+        }
+        if self.algorithm == "mtt":
+            cfg["mtt"] = {
+                "syn_steps": self.syn_steps,
+                "expert_epochs": self.expert_epochs,
+                "max_start_epoch": self.max_start_epoch,
+                "batch_syn": self.batch_syn,
+                "lr_lr": self.lr_lr,
+                "lr_teacher": self.lr_teacher,
+                "mode": self.mtt_mode,
+                "num_experts": self.num_experts,
+            }
+        else:
+            cfg[self.algorithm] = {
+                "batch_real": self.batch_real,
+                "model": self.model,
+                "model_kwargs": self.model_kwargs,
+            }
+        return json.loads(json.dumps(cfg))
+
+    # ------------------------------------------------------------------------- randomness
+    def _rng(self, *parts: object) -> torch.Generator:
+        """A CPU generator seeded by ``(seed, *parts)``: the only source of randomness."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, *parts))
+
+    @staticmethod
+    def _draw(gen: torch.Generator, high: int) -> int:
+        return int(torch.randint(high, (), generator=gen))
+
+    # -------------------------------------------------------------------------- augmentations
+    def _aug_plain(self, x: Tensor, seed: int) -> Tensor:
+        return self.augment(x, seed)  # type: ignore[misc]
+
+    def _aug_siamese(self, x: Tensor, seed: int) -> Tensor:
+        if isinstance(self.augment, DSA):
+            return self.augment(x, seed, siamese=True)
+        return self.augment(x, seed)  # type: ignore[misc]
+
+    # ---------------------------------------------------------------------------- losses
+    def _class_index(self) -> list[Tensor]:
+        if not hasattr(self, "_by_class"):
+            y = self.dataset.train_labels.cpu()
+            self._by_class = [(y == c).nonzero().squeeze(1) for c in range(self.num_classes)]
+        return self._by_class
+
+    def _real_batch(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``batch_real`` random real images per class (fewer if a class is smaller)."""
+        picks = []
+        for idx in self._class_index():
+            n = min(self.batch_real, idx.numel())
+            picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:n]])
+        index = torch.cat(picks)
+        x = self.dataset.train_images.index_select(0, index.to(self.dataset.train_images.device))
+        y = self.dataset.train_labels.cpu().index_select(0, index)
+        return x.to(self.device, torch.float32), y.to(self.device)
+
+    def _loss(self, images: Tensor, stage: int, it: int, syn_lr: Tensor | None) -> Tensor:
+        """The distillation loss of iteration ``it`` (0-based) at ``stage`` on ``images``."""
+        gen = self._rng("step", stage, it)
+        k = self.num_classes
+        c, h, w = self.generator.image_shape
+        if self.algorithm == "mtt":
+            e = self._draw(gen, self.num_experts)
+            s = self._draw(gen, self.max_start_epoch)
+            start, target = self._expert_pair(e, s)
+            return trajectory_matching_loss(
+                self.student,
+                images,
+                self.labels,
+                syn_lr,
+                start,
+                target,
+                syn_steps=self.syn_steps,
+                batch_syn=self.batch_syn,
+                augment=self._aug_plain if self.augment is not None else None,
+                mode=self.mtt_mode,
+                seed=self._draw(gen, 2**62),
+            )
+        net_seed = self._draw(gen, 2**62)
+        real_x, real_y = self._real_batch(gen)
+        seeds = [self._draw(gen, _MAX_AUG_SEED) for _ in range(k)]
+        aug = self._aug_siamese if self.augment is not None else None
+        net = random_network(self.model, c, k, (h, w), net_seed, self.device, **self.model_kwargs)
+        if self.algorithm == "dm":
+            if not hasattr(net, "embed"):
+                raise ValueError(f"model {self.model!r} has no embed(); DM needs one")
+            return dm_loss(
+                net.embed, real_x, real_y, images, self.labels, k, augment=aug, seeds=seeds
+            )
+        net.requires_grad_(True)
+        return dc_loss(net, real_x, real_y, images, self.labels, k, augment=aug, seeds=seeds)
+
+    def _expert_pair(self, e: int, s: int) -> tuple[Tensor, Tensor]:
+        ex = self.experts
+        if hasattr(ex, "pair"):
+            a, b = ex.pair(e, s, self.expert_epochs)
+        else:
+            traj = ex.trajectories[e]
+            a, b = traj[s], traj[s + self.expert_epochs]
+        return a.to(self.device, torch.float32), b.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------------- rendering
+    @torch.no_grad()
+    def render(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
+        """Images ``[M, C, H, W]`` of latents at ``stage`` (no graph, in chunks)."""
+        return render(self.generator, w.detach(), f.detach(), stage, self.chunk_size or w.shape[0])
+
+    @torch.no_grad()
+    def _advance(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
+        """``f`` at ``stage + 1`` (guarded: NaN -> 0, clamped to [-10, 10])."""
+        chunk = self.chunk_size or w.shape[0]
+        parts = [
+            self.generator.advance(w[a : a + chunk], f[a : a + chunk], stage)
+            for a in range(0, w.shape[0], chunk)
+        ]
+        f_next = torch.cat(parts)
+        return torch.nan_to_num(f_next, nan=0.0).clamp(-_F_CLAMP, _F_CLAMP)
+
+    # ------------------------------------------------------------------------- selection
+    def _make_crfd(self, real_means: list[list[Tensor]] | None = None) -> CRFD:
+        return CRFD.from_dataset(
+            self.dataset,
+            augment=self.augment,
+            seed=derive_seed(self.seed, "crfd"),
+            device=self.device,
+            real_means=real_means,
+            **self.crfd_kwargs,
+        )
+
+    def _score(self, cands: list[_Candidate], stage: int) -> list[float]:
+        imgs = [self.render(c.w, c.f, stage) for c in cands]
+        if self.select == "crfd":
+            return [float(v) for v in self._crfd.score(imgs, self.labels)]
+        from hpd_fast.evaluation import evaluate
+
+        kw = {"num_eval": 3, "seed": derive_seed(self.seed, "eval") % 2**31}
+        kw.update(self.eval_kwargs)
+        models = kw.get("models", ("ConvNet",))
+        first = models if isinstance(models, str) else models[0]
+        out = []
+        for x in imgs:
+            res = evaluate(x.cpu(), self.labels.cpu(), self.dataset, **kw)
+            out.append(-float(res[first]["mean"]))
+        return out
+
+    # --------------------------------------------------------------------------------- fit
+    def fit(self, progress: bool = True) -> DistillResult:
+        """Run (or resume) the distillation and return the chosen synthetic set.
+
+        Args:
+            progress: show a tqdm bar over all iterations (stage, loss and best score).
+
+        Returns:
+            :class:`~hpd_fast.distill.result.DistillResult`.
+
+        Raises:
+            NonFiniteLossError: the loss or its gradient became NaN/inf (the message names the
+                stage and iteration; the last good checkpoint is left in place).
+            ValueError: ``checkpoint_dir`` holds a checkpoint of a different run.
+        """
+        from tqdm.auto import tqdm
+
+        t_start = time.perf_counter()
+        st = _RunState()
+        loaded = self._load_checkpoint(st)
+        crfd_means = loaded.pop("crfd_means", None) if loaded else None
+        if self.select == "crfd":
+            t0 = time.perf_counter()
+            self._crfd = self._make_crfd(crfd_means)
+            if crfd_means is None:
+                st.timings["setup"] = st.timings.get("setup", 0.0) + time.perf_counter() - t0
+        if not loaded:
+            w, f = self.generator.sample_latents(self.labels, derive_seed(self.seed, "latents"))
+            st.stage, st.iteration = 1, 0
+            st.w, st.f = w.float(), f.float()
+            st.syn_lr = torch.tensor(self.lr_teacher, device=self.device)
+            self._new_optimizers(st, keep_lr_state=False)
+            self._add_candidate(st)
+        total = (self.last_stage) * self.iterations_per_stage
+        done = (st.stage - 1) * self.iterations_per_stage + st.iteration
+        bar = tqdm(
+            total=total, initial=min(done, total), desc="H-PD", unit="it", disable=not progress
+        )
+        t_loop = time.perf_counter()
+        try:
+            while not st.finished:
+                stage = st.stage
+                t_stage = time.perf_counter()
+                for it in range(st.iteration, self.iterations_per_stage):
+                    loss = self._step(st, stage, it)
+                    st.iteration = it + 1
+                    entry = {"stage": stage, "iteration": it + 1, "loss": loss}
+                    if self.algorithm == "mtt":
+                        entry["syn_lr"] = float(st.syn_lr.detach())
+                    st.losses.append(entry)
+                    last = st.iteration == self.iterations_per_stage
+                    if self.select != "last" and (st.iteration % self.select_every == 0 or last):
+                        self._add_candidate(st)
+                        if len(st.pending) >= self.select_batch:
+                            self._flush(st)
+                    st.add_time(f"stage{stage}", time.perf_counter() - t_stage)
+                    t_stage = time.perf_counter()
+                    if (
+                        self.checkpoint_every is not None
+                        and st.iteration % self.checkpoint_every == 0
+                        and not last
+                    ):
+                        self._save_checkpoint(st)
+                    bar.update(1)
+                    best = st.best_score()
+                    bar.set_postfix_str(
+                        f"stage {stage}, loss {loss:.4g}"
+                        + (f", best {best:.4g}" if best is not None else "")
+                    )
+                    if self.callback is not None:
+                        self.callback(
+                            {
+                                "stage": stage,
+                                "iteration": it + 1,
+                                "loss": loss,
+                                "w": st.w.detach(),
+                                "f": st.f.detach(),
+                                "hpd": self,
+                            }
+                        )
+                self._end_stage(st)
+                st.add_time(f"stage{stage}", time.perf_counter() - t_stage)
+                self._save_checkpoint(st)
+        finally:
+            bar.close()
+        st.add_time("loop", time.perf_counter() - t_loop)
+        st.add_time("total", time.perf_counter() - t_start)
+        return self._result(st)
+
+    # ------------------------------------------------------------------------------ steps
+    def _new_optimizers(self, st: _RunState, keep_lr_state: bool) -> None:
+        # New leaves (fresh, contiguous memory) for the new optimiser.
+        st.w = _copy(st.w).requires_grad_(True)
+        st.f = _copy(st.f).requires_grad_(True)
+        st.opt = torch.optim.SGD(
+            [
+                {"params": [st.w], "lr": self.lr_w},
+                {"params": [st.f], "lr": self.lr_f},
+            ],
+            lr=self.lr_f,
+            momentum=self.momentum,
+        )
+        if self.algorithm == "mtt" and not keep_lr_state:
+            st.syn_lr = st.syn_lr.detach().clone().requires_grad_(True)
+            st.opt_lr = torch.optim.SGD([st.syn_lr], lr=self.lr_lr, momentum=self.momentum)
+
+    def _step(self, st: _RunState, stage: int, it: int) -> float:
+        """One optimiser step at ``stage`` (iteration ``it``, 0-based); returns the loss."""
+        st.opt.zero_grad(set_to_none=True)
+        if st.opt_lr is not None:
+            st.opt_lr.zero_grad(set_to_none=True)
+        images = render(self.generator, st.w, st.f, stage, chunk_size=self.chunk_size)
+        syn_lr = st.syn_lr if self.algorithm == "mtt" else None
+        loss = self._loss(images, stage, it, syn_lr)
+        value = float(loss.detach())
+        where = f"at stage {stage}, iteration {it + 1}"
+        keep = (
+            f"; the last good checkpoint in {str(self.checkpoint_dir)!r} is kept"
+            if self.checkpoint_dir is not None
+            else ""
+        )
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"the {self.algorithm} loss is {value} {where}: lower lr_w / lr_f{keep}"
+            )
+        inputs = [st.w, st.f] + ([st.syn_lr] if syn_lr is not None else [])
+        torch.autograd.backward(loss, inputs=inputs)
+        for name, t in (
+            ("w", st.w),
+            ("f", st.f),
+            ("syn_lr", st.syn_lr if syn_lr is not None else None),
+        ):
+            if t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all()):
+                raise NonFiniteLossError(
+                    f"the gradient of the {self.algorithm} loss with respect to {name} is not "
+                    f"finite {where}: lower lr_w / lr_f{keep}"
+                )
+        st.opt.step()
+        if st.opt_lr is not None:
+            st.opt_lr.step()
+        return value
+
+    def _add_candidate(self, st: _RunState) -> None:
+        if self.select == "last":
+            return
+        st.pending.append(_Candidate(st.iteration, _copy(st.w), _copy(st.f)))
+
+    def _flush(self, st: _RunState) -> None:
+        if not st.pending:
+            return
+        t0 = time.perf_counter()
+        scores = self._score(st.pending, st.stage)
+        for cand, score in zip(st.pending, scores):
+            st.history.append({"stage": st.stage, "iteration": cand.iteration, "score": score})
+            best = st.best.get(st.stage)
+            if best is None or score < best["score"]:
+                st.best[st.stage] = {
+                    "iteration": cand.iteration,
+                    "score": score,
+                    "w": cand.w,
+                    "f": cand.f,
+                }
+        st.pending = []
+        st.add_time("select", time.perf_counter() - t0)
+
+    def _end_stage(self, st: _RunState) -> None:
+        stage = st.stage
+        if self.select == "last":
+            st.best[stage] = {
+                "iteration": st.iteration,
+                "score": None,
+                "w": _copy(st.w),
+                "f": _copy(st.f),
+            }
+        else:
+            self._flush(st)
+        if stage >= self.last_stage:
+            st.finished = True
+            return
+        src = st.best[stage] if self.continue_from == "best" else {"w": st.w, "f": st.f}
+        w = _copy(src["w"])
+        f = _copy(self._advance(w, src["f"].detach(), stage))
+        st.stage, st.iteration = stage + 1, 0
+        st.w, st.f = w, f
+        self._new_optimizers(st, keep_lr_state=True)
+        self._add_candidate(st)
+
+    # ------------------------------------------------------------------------------ result
+    def _result(self, st: _RunState) -> DistillResult:
+        scored = {k: b for k, b in st.best.items() if b["score"] is not None}
+        if scored:
+            chosen = min(sorted(scored), key=lambda k: scored[k]["score"])
+        else:
+            chosen = max(st.best)
+        stage_images = {k: self.render(b["w"], b["f"], k).cpu() for k, b in st.best.items()}
+        b = st.best[chosen]
+        return DistillResult(
+            images=stage_images[chosen].clone(),
+            labels=self.labels.cpu(),
+            w=b["w"].detach().cpu().clone(),
+            f=b["f"].detach().cpu().clone(),
+            stage=chosen,
+            iteration=int(b["iteration"]),
+            stage_images=stage_images,
+            stage_w={k: v["w"].detach().cpu().clone() for k, v in st.best.items()},
+            stage_f={k: v["f"].detach().cpu().clone() for k, v in st.best.items()},
+            stage_best={
+                k: {"iteration": v["iteration"], "score": v["score"]} for k, v in st.best.items()
+            },
+            history=[dict(h) for h in st.history],
+            losses=[dict(e) for e in st.losses],
+            timings=dict(st.timings),
+            config=dict(self.config),
+            mean=tuple(self.dataset.mean),
+            std=tuple(self.dataset.std),
+        )
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, st: _RunState) -> None:
+        if self.checkpoint_dir is None:
+            return
+        d = self.checkpoint_dir
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {"w": st.w, "f": st.f}
+        meta: dict[str, Any] = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "config": self.config,
+            "stage": st.stage,
+            "iteration": st.iteration,
+            "finished": st.finished,
+            "history": st.history,
+            "losses": st.losses,
+            "timings": st.timings,
+            "pending": [c.iteration for c in st.pending],
+            "best": {
+                str(k): {"iteration": b["iteration"], "score": b["score"]}
+                for k, b in st.best.items()
+            },
+        }
+        for i, c in enumerate(st.pending):
+            tensors[f"pending{i}.w"], tensors[f"pending{i}.f"] = c.w, c.f
+        for k, b in st.best.items():
+            tensors[f"best{k}.w"], tensors[f"best{k}.f"] = b["w"], b["f"]
+        meta["opt"] = _pack_optimizer(st.opt, "opt", tensors)
+        if st.opt_lr is not None:
+            tensors["syn_lr"] = st.syn_lr.reshape(1)
+            meta["opt_lr"] = _pack_optimizer(st.opt_lr, "opt_lr", tensors)
+        if self.select == "crfd":
+            tensors.update(self._crfd.state_tensors("crfd"))
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        text = json.dumps(meta)
+        tmp = d / (_CKPT + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "state": text})
+        os.replace(tmp, d / _CKPT)  # atomic: a crash leaves the previous checkpoint intact
+        # A readable copy of the state (the safetensors file is the one that is read back).
+        tmp_json = d / "checkpoint.json.tmp"
+        tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp_json, d / "checkpoint.json")
+
+    def _load_checkpoint(self, st: _RunState) -> dict[str, Any]:
+        """Fill ``st`` from ``checkpoint_dir`` if it holds one; returns extra loaded items."""
+        if self.checkpoint_dir is None:
+            return {}
+        path = self.checkpoint_dir / _CKPT
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as fh:
+            file_meta = fh.metadata() or {}
+            # Fresh (aligned) copies: the kernels may round differently on the file buffer's
+            # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
+            tensors = {k: _copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        if file_meta.get("format") != _FORMAT or "state" not in file_meta:
+            raise ValueError(f"{str(path)!r} is not an H-PD checkpoint")
+        meta = json.loads(file_meta["state"])
+        if meta.get("config") != self.config:
+            diff = _config_diff(meta.get("config", {}), self.config)
+            raise ValueError(
+                f"checkpoint_dir {str(self.checkpoint_dir)!r} holds a checkpoint of a different "
+                f"run ({'; '.join(diff[:6])}); use another directory or delete it"
+            )
+        dev = self.device
+        st.stage, st.iteration = int(meta["stage"]), int(meta["iteration"])
+        st.finished = bool(meta["finished"])
+        st.history, st.losses = meta["history"], meta["losses"]
+        st.timings = {k: float(v) for k, v in meta["timings"].items()}
+        st.w, st.f = tensors["w"].to(dev), tensors["f"].to(dev)
+        if self.algorithm == "mtt":
+            st.syn_lr = tensors["syn_lr"].reshape(()).to(dev)
+        self._new_optimizers(st, keep_lr_state=False)
+        _unpack_optimizer(st.opt, meta["opt"], "opt", tensors, dev)
+        if st.opt_lr is not None:
+            _unpack_optimizer(st.opt_lr, meta["opt_lr"], "opt_lr", tensors, dev)
+        st.pending = [
+            _Candidate(int(it), tensors[f"pending{i}.w"].to(dev), tensors[f"pending{i}.f"].to(dev))
+            for i, it in enumerate(meta["pending"])
+        ]
+        st.best = {
+            int(k): {
+                "iteration": int(b["iteration"]),
+                "score": b["score"],
+                "w": tensors[f"best{k}.w"].to(dev),
+                "f": tensors[f"best{k}.f"].to(dev),
+            }
+            for k, b in meta["best"].items()
+        }
+        out: dict[str, Any] = {"loaded": True}
+        if self.select == "crfd":
+            out["crfd_means"] = CRFD.means_from_tensors(tensors, "crfd")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# run state and optimiser (de)serialisation
+# --------------------------------------------------------------------------------------------
+
+
+class _RunState:
+    """Everything that changes during :meth:`HPD.fit` (what a checkpoint holds)."""
+
+    def __init__(self) -> None:
+        self.stage = 1
+        self.iteration = 0
+        self.finished = False
+        self.w: Tensor = torch.empty(0)
+        self.f: Tensor = torch.empty(0)
+        self.syn_lr: Tensor = torch.zeros(())
+        self.opt: torch.optim.Optimizer | None = None
+        self.opt_lr: torch.optim.Optimizer | None = None
+        self.pending: list[_Candidate] = []
+        self.best: dict[int, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    def best_score(self) -> float | None:
+        scores = [b["score"] for b in self.best.values() if b["score"] is not None]
+        return min(scores) if scores else None
+
+
+def _pack_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor]) -> dict:
+    """Optimiser state: tensors go into ``tensors`` (``prefix.state.i.key``), the rest to JSON."""
+    sd = opt.state_dict()
+    state_json: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        state_json[str(idx)] = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{prefix}.state.{idx}.{key}"] = value
+                state_json[str(idx)][key] = {"tensor": True}
+            else:
+                state_json[str(idx)][key] = value
+    return {"param_groups": sd["param_groups"], "state": state_json}
+
+
+def _unpack_optimizer(
+    opt: torch.optim.Optimizer,
+    packed: Mapping[str, Any],
+    prefix: str,
+    tensors: Mapping[str, Tensor],
+    device: torch.device,
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entry in packed["state"].items():
+        state[int(idx)] = {
+            key: tensors[f"{prefix}.state.{idx}.{key}"].to(device)
+            if isinstance(value, dict) and value.get("tensor")
+            else value
+            for key, value in entry.items()
+        }
+    opt.load_state_dict({"param_groups": packed["param_groups"], "state": state})
+
+
+def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
+    return out

@@ -1,0 +1,32 @@
+"""Staged generators for GAN-prior distillation.
+
+- :class:`StagedGenerator`: the interface (sample latents, advance a stage, render, stage count).
+- :class:`ConvGenerator`: a small class-conditional generator, :func:`train_generator` to train
+  it, :func:`save_generator` / :func:`load_generator`, and :func:`pretrained` for the checkpoint
+  shipped with the package (digits).
+- :func:`from_modules`: any list of modules as stages.
+- :func:`from_stylegan`: StyleGAN2-ADA / StyleGAN3 / StyleGAN-XL generators loaded with their
+  own code (:func:`load_stylegan_pickle` reads a local network pickle, with explicit opt-in).
+"""
+
+from hpd_fast.generators.base import StagedGenerator
+from hpd_fast.generators.convgen import ConvGenerator, stage_layout
+from hpd_fast.generators.io import load_generator, pretrained, save_generator
+from hpd_fast.generators.modules import ModuleGenerator, from_modules
+from hpd_fast.generators.stylegan import StyleGANGenerator, from_stylegan, load_stylegan_pickle
+from hpd_fast.generators.train import train_generator
+
+__all__ = [
+    "ConvGenerator",
+    "ModuleGenerator",
+    "StagedGenerator",
+    "StyleGANGenerator",
+    "from_modules",
+    "from_stylegan",
+    "load_generator",
+    "load_stylegan_pickle",
+    "pretrained",
+    "save_generator",
+    "stage_layout",
+    "train_generator",
+]
