@@ -7,6 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$root/.venv-cuda}
+venv=$(cd "$root" && mkdir -p "$venv" && cd "$venv" && pwd)  # absolute: the build below runs elsewhere
 py=${PYTHON:-python3}
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -14,8 +14,11 @@ Grid (environment variables):
 * default (a 2-core CPU can afford it): ``syn_steps`` 10, 20 at IPC 10
 * ``HPD_BENCH_FULL=1``: ``syn_steps`` 10, 20, 40, 80 at IPC 1 and 10
 * overrides: ``HPD_BENCH_STEPS="10,80"``, ``HPD_BENCH_IPC="1"``, ``HPD_BENCH_MODES="exact"``,
-  ``HPD_BENCH_ROUNDS`` (timed rounds; default 1 on CPU, 3 on CUDA), ``HPD_BENCH_DEVICE``
-  (default ``cuda`` when available), ``HPD_BENCH_MEMORY=0`` to skip the memory subprocesses.
+  ``HPD_BENCH_ROUNDS`` (timed rounds; default 1 on CPU, 3 on CUDA), ``HPD_BENCH_MEMORY=0`` to
+  skip the memory subprocesses.
+* devices: ``--bench-device`` / ``HPD_BENCH_DEVICE`` = ``auto`` (the CPU, plus CUDA when
+  visible), ``cpu``, ``cuda`` or a comma list; ``--bench-threads N`` / ``HPD_BENCH_THREADS``
+  tags the result file with ``-Nt``.
 
 Peak memory is measured in a fresh subprocess per configuration (this file run as a script):
 CPU peak RSS (``VmHWM``, reset just before the call) minus the RSS just before it, and on CUDA
@@ -26,7 +29,8 @@ Run::
 
     PYTHONPATH=. pytest benchmarks/bench_trajectory.py -s
 
-Results go to ``benchmarks/results/trajectory_<device>.json`` and a table is printed.
+Results go to ``benchmarks/results/trajectory_<device-slug>[-<N>t].json`` and a table is
+printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -63,15 +68,26 @@ def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in raw.split(",")) if raw else default
 
 
-def _device() -> str:
-    return os.environ.get("HPD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+def _devices(spec: str | None) -> list[str]:
+    """``auto`` (CPU, plus CUDA when visible), ``cpu``, ``cuda`` or a comma list."""
+    spec = spec or os.environ.get("HPD_BENCH_DEVICE") or "auto"
+    if spec == "auto":
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    out = [d.strip() for d in spec.split(",") if d.strip()]
+    bad = [d for d in out if d not in ("cpu", "cuda")]
+    if bad:
+        raise ValueError(f"benchmark devices must be cpu, cuda or auto, got {bad}")
+    return out
+
+
+def _rounds(device: str) -> int:
+    return int(os.environ.get("HPD_BENCH_ROUNDS", "3" if device.startswith("cuda") else "1"))
 
 
 FULL = os.environ.get("HPD_BENCH_FULL", "0") == "1"
 STEPS = _env_ints("HPD_BENCH_STEPS", (10, 20, 40, 80) if FULL else (10, 20))
 IPCS = _env_ints("HPD_BENCH_IPC", (1, 10) if FULL else (10,))
 BENCH_MODES = tuple(os.environ.get("HPD_BENCH_MODES", ",".join(MODES)).split(","))
-ROUNDS = int(os.environ.get("HPD_BENCH_ROUNDS", "3" if _device().startswith("cuda") else "1"))
 MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
 
 
@@ -271,7 +287,7 @@ def measure_peak_memory(mode: str, syn_steps: int, ipc: int, device: str) -> dic
 # results
 # --------------------------------------------------------------------------------------------
 
-_RESULTS: list[dict] = []
+_RESULTS: dict[str, list[dict]] = {}  # device -> rows
 
 
 def _device_name(device: str) -> str:
@@ -281,10 +297,14 @@ def _device_name(device: str) -> str:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def _commit() -> str | None:
@@ -329,12 +349,31 @@ def _table(rows: list[dict]) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _write_results(request):
     yield
-    if not _RESULTS:
-        return
-    device = _device()
+    threads_opt = request.config.getoption("bench_threads", default=None)
+    threads_opt = threads_opt or os.environ.get("HPD_BENCH_THREADS")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for device, rows in _RESULTS.items():
+        payload = _payload(device, rows)
+        tag = f"-{int(threads_opt)}t" if threads_opt else ""
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"trajectory_{_slug(_device_name(device))}{tag}.json"
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        text = (
+            f"\ntrajectory matching on {payload['device_name']} ({device}, "
+            f"{payload['threads']} threads, load {payload['loadavg_1m']}) -> {path.name}\n"
+            f"{_table(rows)}\n"
+        )
+        if reporter is not None:
+            reporter.write_line(text)
+        else:
+            print(text)
+
+
+def _payload(device: str, rows: list[dict]) -> dict:
+    """Result file content: workload, hardware, versions, commit, rows."""
     import triton  # noqa: F401  (version only; the benchmark itself does not use it)
 
-    payload = {
+    return {
         "benchmark": "trajectory_matching_loss forward+backward",
         "workload": {
             "student": f"ConvNet depth {DEPTH} width {WIDTH} instancenorm",
@@ -344,26 +383,22 @@ def _write_results(request):
             "batch_syn": "full (M)",
             "dtype": "float32",
         },
-        "device": _device_name(device),
+        "device": device,
+        "device_name": _device_name(device),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "commit": _commit(),
         "grid": "full" if FULL else "default",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": _RESULTS,
+        # Other work on a shared machine shows here: CPU timings under load are ratios at best.
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "memory_note": "peak_rss_bytes: VmHWM of a fresh process minus its RSS before the call",
+        "results": rows,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if device.startswith("cuda") else "cpu"
-    (RESULTS_DIR / f"trajectory_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = _table(_RESULTS)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    text = f"\ntrajectory matching on {payload['device']} (torch {torch.__version__})\n{table}\n"
-    if reporter is not None:
-        reporter.write_line(text)
-    else:
-        print(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,21 +432,29 @@ def test_published_two_pass_matches_first_order():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize the benchmark over devices (from ``--bench-device`` when registered)."""
+    if "bench_dev" in metafunc.fixturenames:
+        spec = metafunc.config.getoption("bench_device", default=None)
+        metafunc.parametrize("bench_dev", _devices(spec))
+
+
 @pytest.mark.parametrize("mode", [m for m in MODES if m in BENCH_MODES])
 @pytest.mark.parametrize("syn_steps", STEPS)
 @pytest.mark.parametrize("ipc", IPCS)
-def test_trajectory_benchmark(benchmark, ipc: int, syn_steps: int, mode: str):
-    device = _device()
+def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: int, mode: str):
+    device = bench_dev
+    rows = _RESULTS.setdefault(device, [])
     row: dict = {"mode": mode, "syn_steps": syn_steps, "ipc": ipc, "num_images": 10 * ipc}
     if MEASURE_MEMORY:
         row.update(measure_peak_memory(mode, syn_steps, ipc, device))
         if row["oom"]:
-            _RESULTS.append(row)
+            rows.append(row)
             pytest.skip(f"{mode} at {syn_steps} steps, IPC {ipc} does not fit in memory")
     work = make_workload(ipc, device)
-    benchmark.group = f"trajectory IPC {ipc} steps {syn_steps}"
+    benchmark.group = f"trajectory {device} IPC {ipc} steps {syn_steps}"
     benchmark.extra_info.update({k: v for k, v in row.items() if k != "mode"})
-    benchmark.pedantic(run_once, args=(work, mode, syn_steps), rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(run_once, args=(work, mode, syn_steps), rounds=_rounds(device), iterations=1)
     st = benchmark.stats.stats
     row.update(
         rounds=st.rounds,
@@ -421,7 +464,7 @@ def test_trajectory_benchmark(benchmark, ipc: int, syn_steps: int, mode: str):
         mean_s=st.mean,
         stddev_s=st.stddev if st.rounds > 1 else 0.0,
     )
-    _RESULTS.append(row)
+    rows.append(row)
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak-memory":

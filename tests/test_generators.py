@@ -337,9 +337,9 @@ def test_conv_stage_layout():
 def test_normalization_matches_mean_std():
     G = make("conv", torch.float64)
     w, f = G.sample_latents(torch.arange(3), seed=0)
-    img = G.render(w, f, 1)
+    img = G.render(w, f, 1).detach()
     x01 = G.denormalize(img)
-    assert float(x01.min()) >= 0.0 and float(x01.max()) <= 1.0  # tanh head -> [0, 1]
+    assert x01.min().item() >= 0.0 and x01.max().item() <= 1.0  # tanh head -> [0, 1]
     torch.testing.assert_close((x01 - 0.3) / 0.4, img)
 
 
@@ -368,13 +368,13 @@ def test_train_generator_few_steps(tmp_path):
     images = torch.rand(40, 1, 8, 8, generator=gen)
     labels = torch.arange(40) % 4
     state = torch.random.get_rng_state()
-    kw = dict(image_shape=(1, 8, 8), epochs=2, batch_size=16, latent_dim=4, width=4, d_width=4)
+    kw = dict(image_shape=(1, 8, 8), epochs=1, batch_size=16, latent_dim=4, width=4, d_width=4)
     G1 = train_generator(images, labels, 4, progress=False, out=tmp_path / "g", **kw)
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
     G2 = train_generator(images, labels, 4, progress=False, **kw)
     for a, b in zip(G1.state_dict().values(), G2.state_dict().values()):
         assert torch.equal(a, b)
-    assert G1.training_config["steps"] == 4 and G1.training_config["seed"] == 0
+    assert G1.training_config["steps"] == 2 and G1.training_config["seed"] == 0
     torch.testing.assert_close(G1.mean, images.mean().view(1))
     H = load_generator(tmp_path / "g.safetensors")
     torch.testing.assert_close(H.sample(labels[:5], 0), G1.sample(labels[:5], 0))
@@ -395,7 +395,7 @@ _WEIGHTS = (
     not _WEIGHTS.exists(), reason="the digits generator weights are not shipped yet"
 )
 def test_pretrained_digits_is_class_conditional():
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
 
     from hpd_fast.generators.io import digits_train_split
 
@@ -407,9 +407,14 @@ def test_pretrained_digits_is_class_conditional():
     labels = torch.arange(10).repeat_interleave(30)
     img = G.sample(labels, seed=1)
     assert img.shape == (300, 1, 8, 8) and torch.isfinite(img).all()
-    clf = LogisticRegression(max_iter=500).fit(x.flatten(1).numpy(), y.numpy())
+    # A classifier fit on real training digits must recognise the conditioning labels.
+    clf = KNeighborsClassifier(5).fit(x.flatten(1).numpy(), y.numpy())
     acc = clf.score(img.flatten(1).numpy(), labels.numpy())
-    assert acc > 0.8, f"generated digits classified at {acc:.2f}"
+    assert acc > 0.85, f"generated digits classified at {acc:.2f}"
+    # Samples of one class differ (no collapse onto one image per class).
+    per_class = img.view(10, 30, -1).std(dim=1).mean()
+    real_spread = torch.stack([x[y == c].flatten(1).std(dim=0).mean() for c in range(10)]).mean()
+    assert per_class > 0.5 * real_spread
     with pytest.raises(ValueError, match="name"):
         pretrained("cifar10")
 

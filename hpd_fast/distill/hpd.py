@@ -194,7 +194,8 @@ class HPD:
             see :class:`~hpd_fast.distill.crfd.CRFD`.
         select_batch: candidates scored together in one batched CRFD pass.
         eval_kwargs: keyword arguments of :func:`hpd_fast.evaluate` for ``select="eval"``.
-        chunk_size: images re-rendered per backward chunk (None keeps the generator graph).
+        chunk_size: images re-rendered per backward chunk (None keeps the generator graph
+            alive through the loss: one generator forward fewer, more memory).
         checkpoint_dir: folder for checkpoints (written at every stage boundary, every
             ``checkpoint_every`` iterations and at the end). If it holds a checkpoint of the same
             run, :meth:`fit` resumes from it.

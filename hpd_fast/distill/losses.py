@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpd_fast.models import get_model
-from hpd_fast.ops.class_mean_distance import class_mean_distance, class_means
+from hpd_fast.ops.class_mean_distance import class_mean_distance
 
 __all__ = [
     "Augment",
@@ -169,7 +169,9 @@ def dm_loss(
     ``sum_c sum_l || mean phi_l(A_c(real_c)) - mean phi_l(A_c(syn_c)) ||^2`` where ``A_c`` is
     ``augment(., seeds[c])`` (use a siamese augmentation so that every image of the class gets
     the same transformation). Classes without synthetic images contribute 0; every class that
-    has synthetic images must have real ones.
+    has synthetic images must have real ones. The real means are computed class by class
+    without a graph; the synthetic set goes through ``features`` in one pass and the distance
+    is the fused :func:`hpd_fast.class_mean_distance` (segment = class).
 
     Args:
         features: the embedding ``phi``: ``x [B, C, H, W] -> [B, ...]`` or a list of layer
@@ -193,10 +195,24 @@ def dm_loss(
     if missing:
         raise ValueError(f"real_labels has no image of class(es) {missing} present in syn_labels")
 
+    # Real side: one class at a time without a graph (peak memory of one class batch), only
+    # for the classes that have synthetic images; other targets stay 0 and are not used.
+    targets: list[Tensor] | None = None
     with torch.no_grad():
-        xr, yr = _augment_by_class(real_images, real_labels, num_classes, augment, seeds)
-        real_feats = _as_list(features(xr))
-        targets = [class_means(f.detach(), yr, num_classes)[0] for f in real_feats]
+        for c in present_syn.nonzero().flatten().tolist():
+            x = real_images[real_labels == c]
+            if augment is not None:
+                x = augment(x, seeds[c])
+            feats = _as_list(features(x))
+            if targets is None:
+                acc = [torch.float64 if f.dtype == torch.float64 else torch.float32 for f in feats]
+                targets = [
+                    f.new_zeros((num_classes, *f.shape[1:]), dtype=a) for f, a in zip(feats, acc)
+                ]
+            for t, f in zip(targets, feats):
+                t[c] = f.to(t.dtype).mean(0)
+    if targets is None:  # no synthetic image at all
+        return syn_images.new_zeros(())
     xs, ys = _augment_by_class(syn_images, syn_labels, num_classes, augment, seeds)
     syn_feats = _as_list(features(xs))
     if len(syn_feats) != len(targets):

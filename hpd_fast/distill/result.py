@@ -196,14 +196,17 @@ def save_grid(
     classes = sorted(set(labels.tolist()))
     rows = [(labels == c).nonzero().flatten().tolist() for c in classes]
     ncols = max(len(r) for r in rows)
-    nrows = len(rows)
-    # Large sets: wrap to a near-square layout instead of one row per class.
-    if nrows * ncols > 400 or ncols > 20:
-        order = [i for r in rows for i in r]
+    order = [i for r in rows for i in r]
+    if ncols == 1:
+        # One image per class: the classes side by side, up to 10 per row.
+        ncols = min(10, len(order))
+        rows = [order[i : i + ncols] for i in range(0, len(order), ncols)]
+    elif len(rows) * ncols > 400 or ncols > 20:
+        # Large sets: a near-square layout instead of one row per class.
         ncols = math.ceil(math.sqrt(len(order)))
         rows = [order[i : i + ncols] for i in range(0, len(order), ncols)]
-        nrows = len(rows)
-    fig = Figure(figsize=(max(1.0, 0.7 * ncols), max(1.0, 0.7 * nrows + (0.4 if title else 0))))
+    nrows = len(rows)
+    fig = Figure(figsize=(max(3.0, 0.7 * ncols), max(1.0, 0.7 * nrows + (0.4 if title else 0))))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for r, idxs in enumerate(rows):
         for cidx in range(ncols):

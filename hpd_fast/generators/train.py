@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from hpd_fast.generators.base import check_labels
 from hpd_fast.generators.convgen import ConvGenerator
@@ -107,15 +107,15 @@ def train_generator(
     image_shape: Sequence[int] | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
-    epochs: int = 300,
+    epochs: int = 80,
     batch_size: int = 64,
-    lr: float = 2e-4,
+    lr: float = 5e-4,
     latent_dim: int = 32,
-    width: int = 64,
-    d_width: int = 64,
+    width: int = 32,
+    d_width: int = 32,
     num_stages: int | None = None,
-    cond_weight: float = 1.0,
-    diversity_weight: float = 1.0,
+    cond_weight: float = 0.1,
+    diversity_weight: float = 0.2,
     ema_decay: float = 0.999,
     seed: int = 0,
     progress: bool = True,
@@ -145,6 +145,9 @@ def train_generator(
         seed: seed of all randomness.
         progress: show a tqdm bar.
         out: if given, the trained generator is saved there with :func:`save_generator`.
+
+    The defaults are the settings of the shipped digits checkpoint (1,760 steps on the 1,438
+    digits training images, about 4.5 CPU-minutes on one thread).
 
     Returns:
         The EMA generator (eval mode, float32, CPU) with ``training_config`` set to the
