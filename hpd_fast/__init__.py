@@ -13,6 +13,7 @@ from hpd_fast.ops import (
     class_mean_distance,
     class_mean_distance_ref,
     class_means,
+    instance_norm_relu_pool,
 )
 from hpd_fast.params import flatten_params, functional_forward, unflatten_params
 from hpd_fast.render import render
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HPD",
+    "instance_norm_relu_pool",
     "ClassMeanAccumulator",
     "DistillResult",
     "Experts",

@@ -1058,6 +1058,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     print(f"distilled set: {out}  (chosen stage {result.stage}, iterate {result.iteration})")
     for k, v in crfd.items():
         mark = "  <- chosen" if int(k) == result.stage else ""
+        if int(k) > min(result.stage_best) and result.stage_best[int(k)].get("iteration") == 0:
+            # The stage starts from the previous stage's best images; none of its iterates
+            # scored lower, so its best is that start (same images, same score).
+            mark += "  (no iterate beat the stage's start)"
         print(f"  stage {k}: CRFD {v:.4g}{mark}" if v is not None else f"  stage {k}: not scored")
     if "accuracy" in metrics:
         for m in args.eval_models:

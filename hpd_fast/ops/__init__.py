@@ -10,6 +10,14 @@ from hpd_fast.ops.instance_norm_relu_pool import (
     instance_norm_relu_pool,
     instance_norm_relu_pool_ref,
 )
+from hpd_fast.ops.trajectory_ops import (
+    adjoint_update,
+    adjoint_update_ref,
+    param_match_loss,
+    param_match_loss_ref,
+    sgd_step,
+    sgd_step_ref,
+)
 
 __all__ = [
     "ClassMeanAccumulator",
@@ -18,4 +26,10 @@ __all__ = [
     "class_means",
     "instance_norm_relu_pool",
     "instance_norm_relu_pool_ref",
+    "adjoint_update",
+    "adjoint_update_ref",
+    "param_match_loss",
+    "param_match_loss_ref",
+    "sgd_step",
+    "sgd_step_ref",
 ]
