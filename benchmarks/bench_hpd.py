@@ -7,7 +7,8 @@ Providers, on the same latents, networks, expert parameters and seeds:
                  (MTT: :func:`trajectory_matching_loss`, ``mode="exact"``; DM: :func:`dm_loss`,
                  all classes in one network pass and the fused segmented-mean distance; DC:
                  :func:`dc_loss`), one backward to ``w``, ``f`` (and the student rate).
-* ``published``  the structure of the published GLaD / H-PD code, re-implemented: render every
+* ``published``  the structure of the published GLaD / H-PD code, re-implemented with plain
+                 PyTorch networks (same weights, no fused ops), as that code runs: render every
                  image without a graph, the loss on the detached images (MTT: the first-order
                  two-pass scheme that builds a double-backward graph in its forward sweep, from
                  ``bench_trajectory.published_two_pass``; DM: one network pass and one
@@ -85,6 +86,9 @@ def make_workload(name: str, device: str = "cpu") -> dict[str, Any]:
         torch.manual_seed(0)
         G = ConvGenerator(K, spec["shape"], latent_dim=32, width=spec["width"]).to(device).eval()
         student = get_model("ConvNet", c, K, (h, w)).to(device)
+    # The published code's student: the same network in plain PyTorch modules (no fused ops).
+    student_plain = get_model("ConvNet", c, K, (h, w), fused=False).to(device)
+    student_plain.load_state_dict(student.state_dict())
     G.requires_grad_(False)
     labels = torch.arange(K, device=device).repeat_interleave(IPC)
     lat_w, lat_f = G.sample_latents(labels, seed=1)
@@ -99,6 +103,7 @@ def make_workload(name: str, device: str = "cpu") -> dict[str, Any]:
         "f": lat_f,
         "labels": labels,
         "student": student,
+        "student_plain": student_plain,
         "start": start,
         "target": target,
         "real_x": real_x,
@@ -160,11 +165,13 @@ def _published_loss_and_image_grad(work: dict[str, Any], algorithm: str, image_s
         lr = torch.tensor(0.01, device=image_syn.device, requires_grad=True)
         return float(
             published_two_pass(
-                work["student"], image_syn, labels, lr, work["start"], work["target"],
+                work["student_plain"], image_syn, labels, lr, work["start"], work["target"],
                 syn_steps=STEPS, augment=dsa, seed=0,
             )
         )  # fmt: skip
-    net = random_network("ConvNet", c, K, (h, wd), work["net_seed"], image_syn.device)
+    net = random_network(
+        "ConvNet", c, K, (h, wd), work["net_seed"], image_syn.device, fused=False
+    )  # the same weights as hpd_fast's network, in plain PyTorch modules
     if algorithm == "dm":
         loss = torch.zeros((), device=image_syn.device)
         for k in range(K):
