@@ -15,7 +15,8 @@ Grid (environment variables):
 * ``HPD_BENCH_FULL=1``: ``syn_steps`` 10, 20, 40, 80 at IPC 1 and 10
 * overrides: ``HPD_BENCH_STEPS="10,80"``, ``HPD_BENCH_IPC="1"``, ``HPD_BENCH_MODES="exact"``,
   ``HPD_BENCH_ROUNDS`` (timed rounds; default 1 on CPU, 3 on CUDA), ``HPD_BENCH_MEMORY=0`` to
-  skip the memory subprocesses.
+  skip the memory subprocesses, ``HPD_BENCH_TIME=0`` for peak memory only. Rows of configurations
+  a run does not measure are kept from the existing result file (``HPD_BENCH_MERGE=0``: not).
 * devices: ``--bench-device`` / ``HPD_BENCH_DEVICE`` = ``auto`` (the CPU, plus CUDA when
   visible), ``cpu``, ``cuda`` or a comma list; ``--bench-threads N`` / ``HPD_BENCH_THREADS``
   tags the result file with ``-Nt``.
@@ -93,6 +94,7 @@ STEPS = _env_ints("HPD_BENCH_STEPS", (10, 20, 40, 80) if FULL else (10, 20))
 IPCS = _env_ints("HPD_BENCH_IPC", (1, 10) if FULL else (10,))
 BENCH_MODES = tuple(os.environ.get("HPD_BENCH_MODES", ",".join(MODES)).split(","))
 MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
+MEASURE_TIME = os.environ.get("HPD_BENCH_TIME", "1") != "0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,8 +355,12 @@ def _table(rows: list[dict]) -> str:
             p_ratio = f"{r['median_s'] / ref_plain['median_s']:.2f}"
         if r.get(mem_key) and ref and ref.get(mem_key):
             m_ratio = f"{r[mem_key] / ref[mem_key]:.2f}"
-        median = "oom" if r.get("oom") else f"{r['median_s']:.2f}"
-        iqr = "-" if r.get("oom") else f"{r['iqr_s']:.2f}"
+        median = (
+            "oom"
+            if r.get("oom")
+            else ("-" if r.get("median_s") is None else f"{r['median_s']:.2f}")
+        )
+        iqr = "-" if r.get("oom") or r.get("iqr_s") is None else f"{r['iqr_s']:.2f}"
         lines.append(
             f"| {r['ipc']} | {r['syn_steps']} | {r['mode']} | {median} | {iqr} | {t_ratio} "
             f"| {p_ratio} | {_fmt_mib(r.get(mem_key))} | {m_ratio} |"
@@ -369,10 +375,11 @@ def _write_results(request):
     threads_opt = threads_opt or os.environ.get("HPD_BENCH_THREADS")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for device, rows in _RESULTS.items():
-        payload = _payload(device, rows)
         tag = f"-{int(threads_opt)}t" if threads_opt else ""
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path = RESULTS_DIR / f"trajectory_{_slug(_device_name(device))}{tag}.json"
+        rows = _merge(path, rows)
+        payload = _payload(device, rows)
         path.write_text(json.dumps(payload, indent=2) + "\n")
         text = (
             f"\ntrajectory matching on {payload['device_name']} ({device}, "
@@ -383,6 +390,23 @@ def _write_results(request):
             reporter.write_line(text)
         else:
             print(text)
+
+
+def _merge(path: Path, rows: list[dict]) -> list[dict]:
+    """This run's rows plus the rows of ``path`` for configurations this run did not measure.
+
+    The grid is usually measured in several runs (the 80-step rows alone take long); every row
+    carries its own commit, time and load average.
+    """
+    key = lambda r: (r["mode"], r["syn_steps"], r["ipc"])  # noqa: E731
+    if os.environ.get("HPD_BENCH_MERGE", "1") == "0" or not path.exists():
+        return rows
+    try:
+        old = json.loads(path.read_text()).get("results", [])
+    except (OSError, ValueError):
+        return rows
+    mine = {key(r) for r in rows}
+    return [r for r in old if key(r) not in mine and "mode" in r] + rows
 
 
 def _payload(device: str, rows: list[dict]) -> dict:
@@ -461,12 +485,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: int, mode: str):
     device = bench_dev
     rows = _RESULTS.setdefault(device, [])
-    row: dict = {"mode": mode, "syn_steps": syn_steps, "ipc": ipc, "num_images": 10 * ipc}
+    row: dict = {
+        "mode": mode,
+        "syn_steps": syn_steps,
+        "ipc": ipc,
+        "num_images": 10 * ipc,
+        "commit": _commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if MEASURE_MEMORY:
         row.update(measure_peak_memory(mode, syn_steps, ipc, device))
         if row["oom"]:
             rows.append(row)
             pytest.skip(f"{mode} at {syn_steps} steps, IPC {ipc} does not fit in memory")
+    if not MEASURE_TIME:
+        row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        rows.append(row)
+        pytest.skip("HPD_BENCH_TIME=0: peak memory only")
     work = make_workload(ipc, device)
     benchmark.group = f"trajectory {device} IPC {ipc} steps {syn_steps}"
     benchmark.extra_info.update({k: v for k, v in row.items() if k != "mode"})
@@ -479,10 +514,19 @@ def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: in
         min_s=st.min,
         mean_s=st.mean,
         stddev_s=st.stddev if st.rounds > 1 else 0.0,
+        loadavg_1m=round(os.getloadavg()[0], 2),
     )
     rows.append(row)
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak-memory":
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "--table":
+    # python benchmarks/bench_trajectory.py --table [RESULT.json ...]: tables from result files
+    for f in sys.argv[2:] or sorted(str(p) for p in RESULTS_DIR.glob("trajectory_*.json")):
+        d = json.loads(Path(f).read_text())
+        print(
+            f"\n### {d['device_name']} ({d['device']}, {d['threads']} threads) — {Path(f).name}\n"
+        )
+        print(_table(d["results"]))
+elif __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak-memory":
     _mode, _steps, _ipc, _device_arg = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     print(json.dumps(_measure_in_this_process(_mode, _steps, _ipc, _device_arg)))
