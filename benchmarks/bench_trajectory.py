@@ -64,8 +64,19 @@ WIDTH, DEPTH, RES = 128, 3, 32
 # ``unrolled_pytorch``: the full unroll as the original MTT writes it (plain PyTorch ConvNet, no
 # fused kernels, autograd through every step); ``unrolled``: the same unroll through the
 # library's student (fused blocks); ``exact`` / ``first_order``: the library's sweeps (fused
-# student); ``published_two_pass``: the first-order scheme as the published GAN-prior code runs it.
-MODES = ("unrolled_pytorch", "unrolled", "exact", "first_order", "published_two_pass")
+# student); ``exact_every8``: exact with ``snapshot_every=8``; ``published_two_pass``: the
+# first-order scheme as the published GAN-prior code runs it (plain PyTorch ConvNet);
+# ``published_two_pass_fused``: the same scheme on the library's fused student, which isolates
+# the scheme from the kernels.
+MODES = (
+    "unrolled_pytorch",
+    "unrolled",
+    "exact",
+    "exact_every8",
+    "first_order",
+    "published_two_pass",
+    "published_two_pass_fused",
+)
 
 
 def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -205,7 +216,12 @@ def run_once(work: dict, mode: str, syn_steps: int) -> float:
     args = (work["net"], x, work["labels"], lr, work["start"], work["target"])
     kw = dict(syn_steps=syn_steps, augment=work["dsa"], seed=0)
     if mode == "published_two_pass":
+        loss = published_two_pass(work["plain"], *args[1:], **kw)
+    elif mode == "published_two_pass_fused":
         loss = published_two_pass(*args, **kw)
+    elif mode == "exact_every8":
+        loss = trajectory_matching_loss(*args, mode="exact", snapshot_every=8, **kw)
+        loss.backward()
     elif mode == "unrolled_pytorch":
         loss = trajectory_matching_loss(work["plain"], *args[1:], mode="unrolled", **kw)
         loss.backward()

@@ -737,6 +737,14 @@ def _distill_options(cmd: _Command) -> None:
         help="start epochs are drawn from [0, N) (default: H-PD's)",
     )
     cmd.opt(
+        "--snapshot-every",
+        type=_POS,
+        default=None,
+        show_default=False,
+        help="exact/first_order modes: keep every k-th student snapshot and rebuild the rest "
+        "in the backward sweep (memory of long trajectories; same gradients; default 1)",
+    )
+    cmd.opt(
         "--batch-syn",
         type=_POS,
         default=None,
@@ -799,6 +807,7 @@ def _hpd_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             max_start_epoch="max_start_epoch",
             batch_syn="batch_syn",
             lr_lr="lr_lr",
+            snapshot_every="snapshot_every",
         )
     out = {hpd: getattr(args, cli) for cli, hpd in names.items() if getattr(args, cli) is not None}
     if args.algorithm == "mtt":

@@ -374,6 +374,8 @@ def test_bad_input():
         HPD(G, data, 1, "mtt", experts, expert_epochs=1, max_start_epoch=3)
     with pytest.raises(ValueError, match="batch_syn"):
         HPD(G, data, 1, "mtt", experts, expert_epochs=1, batch_syn=4)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        HPD(G, data, 1, "mtt", experts, expert_epochs=1, snapshot_every=0)
     with pytest.raises(TypeError, match="experts must provide"):
         HPD(G, data, 1, "mtt", object())
     wrong = TinyExperts(data)

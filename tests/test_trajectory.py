@@ -323,6 +323,36 @@ def test_snapshot_device_cpu(mode: str):
         assert torch.equal(u, v) and torch.equal(u, w)
 
 
+@pytest.mark.parametrize("mode", ["exact", "first_order"])
+@pytest.mark.parametrize("every", [2, 3, 7, 50])
+def test_snapshot_every_rebuilds_the_same_snapshots(mode: str, every: int):
+    """Storing every k-th snapshot (k = 2, 3: uneven last segment; 7 = N; 50 > N) changes
+    nothing: the rebuilt parameters are the same numbers, so the gradients are identical."""
+    problem = make_problem(soft=True)
+    kw = dict(batch_syn=3, syn_steps=7, seed=4, augment=AUGMENTS["dsa"])
+    a = run(problem, mode, **kw)
+    b = run(problem, mode, snapshot_every=every, **kw)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+    if mode == "exact":
+        ref = run(problem, "unrolled", **kw)
+        assert rel_err(b[1], ref[1]) < 1e-9 and rel_err(b[3], ref[3]) < 1e-9
+
+
+def test_snapshot_every_backward_twice():
+    """retain_graph: a second backward replays the same snapshots and doubles the gradient."""
+    net, images, labels, start, target = make_problem()
+    x = images.clone().requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=F64)
+    loss = trajectory_matching_loss(
+        net, x, labels, lr, start, target, syn_steps=5, seed=0, snapshot_every=2
+    )
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=1e-14, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_exact_matches_unrolled_with_cpu_snapshots():
     net, images, labels, start, target = make_problem(soft=True)
@@ -501,6 +531,9 @@ def _bad_cases(problem):
         ("mode", dict(mode="second_order")),
         ("student", dict(student=bn_net, start_params=bn_start, target_params=bn_start + 1)),
         ("snapshot_device", dict(snapshot_device="not-a-device")),
+        ("snapshot_every", dict(snapshot_every=0)),
+        ("snapshot_every", dict(snapshot_every=2.0)),
+        ("snapshot_every", dict(snapshot_every=True)),
         ("augment", dict(augment="dsa")),
         ("seed", dict(seed="1")),
     ]

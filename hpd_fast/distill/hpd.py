@@ -179,6 +179,9 @@ class HPD:
             learnable student rate, its initial value (default ``experts.lr``), and the gradient
             (``"exact"``, ``"first_order"`` or ``"unrolled"``; see
             :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`).
+        snapshot_every: keep every k-th student parameter snapshot and rebuild the others in
+            the backward sweep (less memory for long trajectories of large students, one extra
+            forward+backward on (k-1)/k of the steps; same gradients).
         batch_real: real images per class in each DM / DC iteration.
         model, model_kwargs: the random network of DM / DC (a name of
             :data:`hpd_fast.models.MODEL_NAMES`; DM uses its ``embed``).
@@ -233,6 +236,7 @@ class HPD:
         lr_lr: float = 1e-6,
         lr_teacher: float | None = None,
         mtt_mode: str = "exact",
+        snapshot_every: int = 1,
         batch_real: int = 64,
         model: str = "ConvNet",
         model_kwargs: Mapping[str, Any] | None = None,
@@ -293,6 +297,10 @@ class HPD:
             raise ValueError(f"continue_from must be 'best' or 'last', got {continue_from!r}")
         if mtt_mode not in MODES:
             raise ValueError(f"mtt_mode must be one of {MODES}, got {mtt_mode!r}")
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
+            raise TypeError(f"snapshot_every must be an int, got {type(snapshot_every).__name__}")
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         for name, value in (("model", model), ("crfd_model", crfd_model)):
             if value not in MODEL_NAMES:
                 raise ValueError(f"{name} must be one of {', '.join(MODEL_NAMES)}, got {value!r}")
@@ -349,6 +357,8 @@ class HPD:
         # ---- trajectory matching
         self.experts = experts
         self.mtt_mode = mtt_mode
+        # Not part of the run's identity: it changes memory and time, not the numbers.
+        self.snapshot_every = snapshot_every
         self.syn_steps = _int("syn_steps", syn_steps, 1)
         self.expert_epochs = _int("expert_epochs", expert_epochs, 1)
         self.lr_lr = _pos("lr_lr", lr_lr, allow_zero=True)
@@ -537,6 +547,7 @@ class HPD:
                 augment=self._aug_plain if self.augment is not None else None,
                 mode=self.mtt_mode,
                 seed=self._draw(gen, 2**62),
+                snapshot_every=self.snapshot_every,
             )
         net_seed = self._draw(gen, 2**62)
         real_x, real_y = self._real_batch(gen)

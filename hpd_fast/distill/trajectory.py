@@ -32,7 +32,7 @@ constants (expert checkpoints).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +133,7 @@ class _Sweep:
     augment: Augment | None
     snapshot_device: torch.device | None
     first_order: bool
+    snapshot_every: int = 1
 
     def step_grad(
         self, t: int, theta: Tensor, images: Tensor, labels: Tensor, create_graph: bool
@@ -193,7 +194,7 @@ class _TrajectoryMatch(torch.autograd.Function):
         snapshots: list[Tensor] = []
         g_sum = torch.zeros_like(theta) if sweep.first_order else None
         for t in range(len(sweep.schedule)):
-            if need_grad:
+            if need_grad and t % sweep.snapshot_every == 0:
                 snapshots.append(sweep.offload(theta))
             # Autograd is off inside Function.forward; each step needs its own small graph.
             with torch.enable_grad():
@@ -232,17 +233,17 @@ class _TrajectoryMatch(torch.autograd.Function):
             # dL/dalpha = -<sum_t g_t, lambda_N>: the forward sweep already summed the g_t.
             d_lr = d_lr - torch.dot(g_sum, lam)
             cot = -lr * lam  # the same cotangent for every step
-            steps = range(len(snapshots) - 1, -1, -1) if (need_x or need_y) else range(0)
-            for t in steps:
-                theta = snapshots[t].to(device, non_blocking=True).requires_grad_(True)
+            steps = _reverse_thetas(sweep, snapshots, syn_lr, x_all, y_all, device)
+            for t, theta in steps if (need_x or need_y) else ():
+                theta = theta.requires_grad_(True)
                 with torch.enable_grad():
                     xb, yb, g = _replay_batch(sweep, t, theta, x_all, y_all, need_x, need_y)
                     wrt = [v for v, need in ((xb, need_x), (yb, need_y)) if need]
                     grads = torch.autograd.grad(torch.dot(g, cot), wrt)
                 _scatter(sweep, t, grads, d_x, d_y, need_x, need_y)
         else:
-            for t in range(len(snapshots) - 1, -1, -1):
-                theta = snapshots[t].to(device, non_blocking=True).requires_grad_(True)
+            for t, theta in _reverse_thetas(sweep, snapshots, syn_lr, x_all, y_all, device):
+                theta = theta.requires_grad_(True)
                 with torch.enable_grad():
                     xb, yb, g = _replay_batch(sweep, t, theta, x_all, y_all, need_x, need_y)
                     wrt = [theta] + [v for v, need in ((xb, need_x), (yb, need_y)) if need]
@@ -256,6 +257,37 @@ class _TrajectoryMatch(torch.autograd.Function):
 
         d_lr = d_lr.to(syn_lr.dtype) if need_lr else None
         return d_x, d_y, d_lr, None, None, None
+
+
+def _reverse_thetas(
+    sweep: _Sweep,
+    snapshots: list[Tensor],
+    syn_lr: Tensor,
+    x_all: Tensor,
+    y_all: Tensor,
+    device: torch.device,
+) -> Iterator[tuple[int, Tensor]]:
+    """``(t, theta_t)`` for ``t = N-1 .. 0`` (fresh tensors on ``device``, no graph).
+
+    With ``snapshot_every = k`` only ``theta_0, theta_k, theta_2k, ...`` were stored: each
+    segment is rebuilt from its first snapshot by repeating the forward sweep's steps (the same
+    batches, augmentation seeds, rate and ops, so the same numbers), holding at most ``k``
+    parameter vectors at a time.
+    """
+    n, k = len(sweep.schedule), sweep.snapshot_every
+    lr = syn_lr.detach()
+    for i in range(len(snapshots) - 1, -1, -1):
+        start = i * k
+        theta = snapshots[i].to(device, non_blocking=True)
+        segment = [theta]
+        for t in range(start, min(start + k, n) - 1):
+            with torch.enable_grad():
+                leaf = theta.detach().requires_grad_(True)
+                _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
+            theta = sgd_step(theta, g, lr)
+            segment.append(theta)
+        for t in range(min(start + k, n) - 1, start - 1, -1):
+            yield t, segment.pop().detach()
 
 
 def _replay_batch(
@@ -462,6 +494,7 @@ def trajectory_matching_loss(
     mode: str = "exact",
     seed: int | None = None,
     snapshot_device: str | torch.device | None = None,
+    snapshot_every: int = 1,
 ) -> Tensor:
     """Trajectory-matching loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
 
@@ -518,6 +551,12 @@ def trajectory_matching_loss(
         snapshot_device: where ``"exact"``/``"first_order"`` keep the ``N`` parameter
             snapshots (e.g. ``"cpu"`` to spare GPU memory); ``None`` keeps them with the
             parameters.
+        snapshot_every: ``"exact"``/``"first_order"`` store every ``k``-th snapshot only and
+            rebuild the others segment by segment in the backward sweep: snapshot memory
+            ``ceil(N / k) + k`` parameter vectors instead of ``N``, for one extra forward and
+            backward (no graph) on ``(k - 1) / k`` of the steps. ``1`` (default) stores all.
+            Gradients are unchanged (the rebuilt snapshots are the same numbers on the CPU;
+            on CUDA, up to the nondeterminism of its convolution kernels).
 
     Returns:
         0-dim tensor, the loss (dtype of ``start_params``).
@@ -539,10 +578,16 @@ def trajectory_matching_loss(
         seed,
         snapshot_device,
     )
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
+        raise TypeError(f"snapshot_every must be an int, got {type(snapshot_every).__name__}")
+    if snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     schedule = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
-    sweep = _Sweep(student, schedule, augment, snap_dev, first_order=mode == "first_order")
+    sweep = _Sweep(
+        student, schedule, augment, snap_dev, mode == "first_order", min(snapshot_every, syn_steps)
+    )
     if mode == "unrolled":
         return _unrolled(sweep, images, labels, syn_lr, start_params, target_params)
     return _TrajectoryMatch.apply(images, labels, syn_lr, start_params, target_params, sweep)
