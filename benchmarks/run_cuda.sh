@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU work of a session that has a CUDA machine, in stages that each fit a 10-minute call:
+# Build, test and benchmark on a CUDA machine, in stages of under ten minutes each:
 #
-#   bash benchmarks/gpu_session.sh build      # CUDA extension against the machine's torch, info
-#   bash benchmarks/gpu_session.sh test       # the test suite on CUDA tensors (CUDA + Triton)
-#   bash benchmarks/gpu_session.sh ops        # feature distance + student block benchmarks
-#   bash benchmarks/gpu_session.sh traj1      # trajectory matching, IPC 1, 10-80 steps
-#   bash benchmarks/gpu_session.sh traj10     # trajectory matching, IPC 10, 10-80 steps
-#   bash benchmarks/gpu_session.sh all        # everything above, in order
+#   bash benchmarks/run_cuda.sh build      # CUDA extension against the machine's torch, info
+#   bash benchmarks/run_cuda.sh test       # the test suite on CUDA tensors (CUDA + Triton)
+#   bash benchmarks/run_cuda.sh ops        # feature distance + student block benchmarks
+#   bash benchmarks/run_cuda.sh traj1      # trajectory matching, IPC 1, 10-80 steps
+#   bash benchmarks/run_cuda.sh traj10     # trajectory matching, IPC 10, 10-80 steps
+#   bash benchmarks/run_cuda.sh all        # everything above, in order
 #
 # Nothing is downloaded: the package is installed with --no-deps into the machine's own Python
 # (torch >= 2.11 with CUDA, triton >= 3.6). Result JSON files go to benchmarks/results/ (named
