@@ -214,6 +214,10 @@ def test_unknown_dataset(tmp_path, capsys):
     ("argv", "message"),
     [
         (["distill", "--ipc", "0"], "argument --ipc: must be an integer >= 1, got 0"),
+        (
+            ["distill", "--snapshot-every", "0"],
+            "argument --snapshot-every: must be an integer >= 1, got 0",
+        ),
         (["distill", "--ipc", "two"], "argument --ipc: must be an integer, got 'two'"),
         (["distill", "--algorithm", "xyz"], "argument --algorithm: invalid choice"),
         (["experts", "--num-experts", "0"], "argument --num-experts: must be an integer >= 1"),

@@ -256,6 +256,16 @@ class _Stop(Exception):
     pass
 
 
+def test_snapshot_every_gives_the_same_run():
+    """Rebuilding student snapshots (snapshot_every=2) changes memory, not one number."""
+    data = tiny_data()
+    experts = TinyExperts(data)
+    kw = {"syn_steps": 5, "iterations_per_stage": 2}
+    ref = make("mtt", data=data, experts=experts, **kw).fit(progress=False)
+    got = make("mtt", data=data, experts=experts, snapshot_every=2, **kw).fit(progress=False)
+    _same(got, ref)
+
+
 @pytest.mark.parametrize("algorithm", ["mtt", "dm"])
 def test_resume_equals_uninterrupted(algorithm, tmp_path):
     data = tiny_data()
