@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _util
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,18 +82,6 @@ MODES = (
 def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     raw = os.environ.get(name)
     return tuple(int(v) for v in raw.split(",")) if raw else default
-
-
-def _devices(spec: str | None) -> list[str]:
-    """``auto`` (CPU, plus CUDA when visible), ``cpu``, ``cuda`` or a comma list."""
-    spec = spec or os.environ.get("HPD_BENCH_DEVICE") or "auto"
-    if spec == "auto":
-        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    out = [d.strip() for d in spec.split(",") if d.strip()]
-    bad = [d for d in out if d not in ("cpu", "cuda")]
-    if bad:
-        raise ValueError(f"benchmark devices must be cpu, cuda or auto, got {bad}")
-    return out
 
 
 def _rounds(device: str) -> int:
@@ -320,33 +308,6 @@ def measure_peak_memory(mode: str, syn_steps: int, ipc: int, device: str) -> dic
 _RESULTS: dict[str, list[dict]] = {}  # device -> rows
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _fmt_mib(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
@@ -393,7 +354,7 @@ def _write_results(request):
     for device, rows in _RESULTS.items():
         tag = f"-{int(threads_opt)}t" if threads_opt else ""
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"trajectory_{_slug(_device_name(device))}{tag}.json"
+        path = RESULTS_DIR / f"trajectory_{_util.slug(_util.device_name(device))}{tag}.json"
         rows = _merge(path, rows)
         payload = _payload(device, rows)
         path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -440,14 +401,14 @@ def _payload(device: str, rows: list[dict]) -> dict:
             "dtype": "float32",
         },
         "device": device,
-        "device_name": _device_name(device),
+        "device_name": _util.device_name(device),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "commit": _commit(),
+        "commit": _util.git_commit(short=False),
         "grid": "full" if FULL else "default",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # Other work on a shared machine shows here: CPU timings under load are ratios at best.
@@ -492,7 +453,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize the benchmark over devices (from ``--bench-device`` when registered)."""
     if "bench_dev" in metafunc.fixturenames:
         spec = metafunc.config.getoption("bench_device", default=None)
-        metafunc.parametrize("bench_dev", _devices(spec))
+        metafunc.parametrize("bench_dev", _util.bench_devices(spec))
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m in BENCH_MODES])
@@ -506,7 +467,7 @@ def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: in
         "syn_steps": syn_steps,
         "ipc": ipc,
         "num_images": 10 * ipc,
-        "commit": _commit(),
+        "commit": _util.git_commit(short=False),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if MEASURE_MEMORY:
