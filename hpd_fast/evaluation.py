@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpd_fast._checks import check_int
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -149,18 +149,6 @@ def train_and_test(
         if on_epoch is not None:
             on_epoch()
     return _test_accuracy(net, dataset, images.device, test_batch_size)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_inputs(
@@ -296,11 +284,11 @@ def evaluate(
     if isinstance(models, str):
         models = (models,)
     images, labels, soft = _check_inputs(images, labels, dataset, models)
-    num_eval = _check_int("num_eval", num_eval, 1)
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    test_batch_size = _check_int("test_batch_size", test_batch_size, 1)
-    seed = _check_int("seed", seed, 0)
+    num_eval = check_int("num_eval", num_eval, 1)
+    epochs = check_int("epochs", epochs, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    test_batch_size = check_int("test_batch_size", test_batch_size, 1)
+    seed = check_int("seed", seed, 0)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0.0 <= warmup < 1.0:
@@ -330,7 +318,7 @@ def evaluate(
 
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
-        torch.set_num_threads(_check_int("num_threads", num_threads, 1))
+        torch.set_num_threads(check_int("num_threads", num_threads, 1))
     start = time.perf_counter()
     try:
         from tqdm.auto import tqdm

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpd_fast._checks import check_float, check_int
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -72,26 +72,6 @@ def _derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from the parts (independent of Python's hash randomisation)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0 or not positive and value < 0:
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
 
 
 def _as_augment(augment: Any) -> tuple[Augment | None, Any]:
@@ -318,11 +298,11 @@ class Experts:
 
         ``expert`` is a position in ``trajectories`` (0 <= expert < len(self)).
         """
-        expert = _check_int("expert", expert, 0)
+        expert = check_int("expert", expert, 0)
         if expert >= len(self):
             raise ValueError(f"expert must be < {len(self)} (the number of experts), got {expert}")
-        start_epoch = _check_int("start_epoch", start_epoch, 0)
-        expert_epochs = _check_int("expert_epochs", expert_epochs, 0)
+        start_epoch = check_int("start_epoch", start_epoch, 0)
+        expert_epochs = check_int("expert_epochs", expert_epochs, 0)
         end = start_epoch + expert_epochs
         if end > self.epochs:
             raise ValueError(
@@ -635,14 +615,14 @@ def train_experts(
         )
     if model not in MODEL_NAMES:
         raise ValueError(f"unknown model name {model!r}; valid names: {', '.join(MODEL_NAMES)}")
-    num_experts = _check_int("num_experts", num_experts, 1)
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    group_size = _check_int("group_size", group_size, 1)
-    seed = _check_int("seed", seed, 0)
-    lr = _check_float("lr", lr, positive=True)
-    momentum = _check_float("momentum", momentum, positive=False)
-    weight_decay = _check_float("weight_decay", weight_decay, positive=False)
+    num_experts = check_int("num_experts", num_experts, 1)
+    epochs = check_int("epochs", epochs, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    group_size = check_int("group_size", group_size, 1)
+    seed = check_int("seed", seed, 0)
+    lr = check_float("lr", lr)
+    momentum = check_float("momentum", momentum, allow_zero=True)
+    weight_decay = check_float("weight_decay", weight_decay, allow_zero=True)
     kwargs = dict(model_kwargs or {})
     try:
         json.dumps(kwargs)

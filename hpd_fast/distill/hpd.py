@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hpd_fast._checks import check_float, check_int
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
@@ -99,26 +99,6 @@ def _copy(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _pos(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
 
 
 def _tensor_fingerprint(tensors: Sequence[Tensor]) -> str:
@@ -284,7 +264,7 @@ class HPD:
                 f"the generator renders images of shape {tuple(generator.image_shape)} but "
                 f"dataset {dataset.name!r} has images of shape {data_shape}"
             )
-        self.ipc = _int("ipc", ipc, 1)
+        self.ipc = check_int("ipc", ipc, 1)
         counts = dataset.class_counts()
         if int(counts.min()) < 1:
             empty = (counts == 0).nonzero().flatten().tolist()
@@ -311,45 +291,45 @@ class HPD:
         self.device = generator.device
         self.num_classes = dataset.num_classes
         defaults = DEFAULTS[algorithm]
-        self.iterations_per_stage = _int(
+        self.iterations_per_stage = check_int(
             "iterations_per_stage",
             defaults["iterations_per_stage"]
             if iterations_per_stage is None
             else iterations_per_stage,
             1,
         )
-        self.lr_w = _pos("lr_w", defaults["lr_w"] if lr_w is None else lr_w, allow_zero=True)
-        self.lr_f = _pos("lr_f", defaults["lr_f"] if lr_f is None else lr_f, allow_zero=True)
-        self.momentum = _pos("momentum", momentum, allow_zero=True)
-        self.last_stage = stages if last_stage is None else _int("last_stage", last_stage, 1)
+        self.lr_w = check_float("lr_w", defaults["lr_w"] if lr_w is None else lr_w, allow_zero=True)
+        self.lr_f = check_float("lr_f", defaults["lr_f"] if lr_f is None else lr_f, allow_zero=True)
+        self.momentum = check_float("momentum", momentum, allow_zero=True)
+        self.last_stage = stages if last_stage is None else check_int("last_stage", last_stage, 1)
         if self.last_stage > stages:
             raise ValueError(
                 f"last_stage must be <= generator.num_stages = {stages}, got {self.last_stage}"
             )
         self.continue_from = continue_from
-        self.batch_real = _int("batch_real", batch_real, 1)
+        self.batch_real = check_int("batch_real", batch_real, 1)
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
         self.augment = _resolve_augment(augment)
         self.select = select
-        self.select_every = _int("select_every", select_every, 1)
-        self.select_batch = _int("select_batch", select_batch, 1)
+        self.select_every = check_int("select_every", select_every, 1)
+        self.select_batch = check_int("select_batch", select_batch, 1)
         self.crfd_kwargs = {
-            "num_models": _int("crfd_models", crfd_models, 1),
-            "syn_augments": _int("crfd_syn_augments", crfd_syn_augments, 1),
-            "real_passes": _int("crfd_real_passes", crfd_real_passes, 1),
+            "num_models": check_int("crfd_models", crfd_models, 1),
+            "syn_augments": check_int("crfd_syn_augments", crfd_syn_augments, 1),
+            "real_passes": check_int("crfd_real_passes", crfd_real_passes, 1),
             "model": crfd_model,
             "model_kwargs": dict(crfd_model_kwargs or {}),
         }
         self.eval_kwargs = dict(eval_kwargs or {})
         if chunk_size is not None:
-            chunk_size = _int("chunk_size", chunk_size, 1)
+            chunk_size = check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = (
-            None if checkpoint_every is None else _int("checkpoint_every", checkpoint_every, 1)
+            None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every, 1)
         )
-        self.seed = _int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable(info: dict) or None")
         self.callback = callback
@@ -359,12 +339,12 @@ class HPD:
         self.mtt_mode = mtt_mode
         # Not part of the run's identity: it changes memory and time, not the numbers.
         self.snapshot_every = snapshot_every
-        self.syn_steps = _int("syn_steps", syn_steps, 1)
-        self.expert_epochs = _int("expert_epochs", expert_epochs, 1)
-        self.lr_lr = _pos("lr_lr", lr_lr, allow_zero=True)
+        self.syn_steps = check_int("syn_steps", syn_steps, 1)
+        self.expert_epochs = check_int("expert_epochs", expert_epochs, 1)
+        self.lr_lr = check_float("lr_lr", lr_lr, allow_zero=True)
         m = self.ipc * self.num_classes
         if batch_syn is not None:
-            batch_syn = _int("batch_syn", batch_syn, 1)
+            batch_syn = check_int("batch_syn", batch_syn, 1)
             if batch_syn > m:
                 raise ValueError(f"batch_syn must be <= ipc * num_classes = {m}, got {batch_syn}")
         self.batch_syn = batch_syn
@@ -425,14 +405,14 @@ class HPD:
         limit = epochs - self.expert_epochs + 1
         if max_start_epoch is None:
             max_start_epoch = min(5, limit)
-        self.max_start_epoch = _int("max_start_epoch", max_start_epoch, 1)
+        self.max_start_epoch = check_int("max_start_epoch", max_start_epoch, 1)
         if self.max_start_epoch > limit:
             raise ValueError(
                 f"max_start_epoch must be <= epochs - expert_epochs + 1 = {limit} (experts have "
                 f"{epochs} epochs, expert_epochs={self.expert_epochs}), got {max_start_epoch}"
             )
         self.num_experts = len(ex.trajectories)
-        self.lr_teacher = _pos("lr_teacher", ex.lr if lr_teacher is None else lr_teacher)
+        self.lr_teacher = check_float("lr_teacher", ex.lr if lr_teacher is None else lr_teacher)
 
     def _make_config(self) -> dict[str, Any]:
         """The settings that define the run (checked when resuming) plus descriptions."""
