@@ -34,6 +34,7 @@ Run::
     .venv/bin/python -m pytest benchmarks/bench_hpd.py
 
 Results go to ``benchmarks/results/hpd_<device>[-<threads>t].json``; a table is printed.
+``python benchmarks/bench_hpd.py --table`` prints the README tables of every result file.
 """
 
 from __future__ import annotations
@@ -323,5 +324,46 @@ def _write_results(bench_summary: list):
     bench_summary.append((title, _table(_ROWS).splitlines()))
 
 
-if __name__ == "__main__":  # python benchmarks/bench_hpd.py WORKLOAD ALGO PROVIDER
-    print(run_once(sys.argv[1], sys.argv[2], sys.argv[3]))
+def readme_table(payload: dict[str, Any]) -> list[str]:
+    """Markdown for benchmarks/README.md: rounds, median and fastest round, speed-ups by both."""
+    import _util
+
+    rows = payload["rows"]
+    by = {(r["workload"], r["algorithm"], r["provider"]): r for r in rows}
+    out = []
+    for (wl, algo, prov), r in sorted(by.items()):
+        t = r["time"] or {}
+        base = (by.get((wl, algo, "published")) or {}).get("time") or {}
+        mine = prov != "published" and t and base
+        mem = (r["memory"] or {}).get("peak_delta_mib")
+        out.append([
+            wl, algo, prov, t.get("rounds"), f"{t['median_s']:.3f}", f"{t['min_s']:.3f}",
+            f"{base['median_s'] / t['median_s']:.2f}×" if mine else "–",
+            f"{base['min_s'] / t['min_s']:.2f}×" if mine else "–",
+            "–" if mem is None else f"{mem:.0f}",
+        ])  # fmt: skip
+    meta = payload["meta"]
+    head = (
+        f"{meta['device_name']} ({meta.get('cpu_count', '?')} cores, "
+        f"{meta.get('torch_threads', '?')} torch threads), torch {meta['torch']}, commit "
+        f"{meta['commit']}{' (uncommitted changes)' if meta.get('dirty') else ''}, "
+        f"{meta['date'][:10]}; load average {meta.get('loadavg_1m', 0):.1f} at the end of the run."
+    )
+    headers = ["workload", "algorithm", "provider", "rounds", "median s", "min s",
+               "× vs published (medians)", "× (min times)", "peak extra MiB"]  # fmt: skip
+    return [head, "", *_util.markdown_table(headers, out, "lll" + "r" * 6).splitlines()]
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_hpd.py --table          README tables from results/hpd_*.json
+    # python benchmarks/bench_hpd.py WORKLOAD ALGO PROVIDER   one iteration (memory subprocess)
+    if sys.argv[1:] == ["--table"]:
+        import _util
+
+        for path in sorted(_util.RESULTS_DIR.glob("hpd_*.json")):
+            payload = _util.read_json(path)
+            if payload:
+                print(f"### `{path.name}`\n")
+                print("\n".join(readme_table(payload)) + "\n")
+    else:
+        print(run_once(sys.argv[1], sys.argv[2], sys.argv[3]))
