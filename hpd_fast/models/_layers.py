@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hpd_fast.models._conv import conv2d
 from hpd_fast.ops.instance_norm_relu_pool import instance_norm_relu_pool
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
@@ -112,10 +113,33 @@ class FusedConvBlock(nn.Sequential):
             and _is_fusable_pool(pool)
         )
 
+    #: Set by :class:`~hpd_fast.models.ConvNet` on its first block, whose input is the image
+    #: batch. Elsewhere, on the CPU, the convolution runs through
+    #: :func:`hpd_fast.models._conv.conv2d` (a faster double backward; same numbers). The first
+    #: block keeps ``nn.Conv2d``: a gradient taken with respect to the parameters only does not
+    #: need the image gradient, which PyTorch's convolution then skips and a custom autograd
+    #: function cannot.
+    reads_images: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fusable():
             return super().forward(x)
         conv, norm, _, pool = self
+        if not self.reads_images and x.device.type == "cpu" and _is_plain_conv(conv):
+            z = conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        else:
+            z = conv(x)
         return instance_norm_relu_pool(
-            conv(x), norm.weight, norm.bias, eps=norm.eps, pool=not isinstance(pool, nn.Identity)
+            z, norm.weight, norm.bias, eps=norm.eps, pool=not isinstance(pool, nn.Identity)
         )
+
+
+def _is_plain_conv(conv: nn.Module) -> bool:
+    """An ``nn.Conv2d`` that :func:`hpd_fast.models._conv.conv2d` computes exactly."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and tuple(conv.dilation) == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )

@@ -117,6 +117,8 @@ class ConvNet(nn.Module):
                 )
             )
             c_in = width
+        if self.fused:
+            blocks[0].reads_images = True
         self.features = nn.Sequential(*blocks)
         self.feature_shape = (width, h, w)
         self.classifier = nn.Linear(width * h * w, num_classes)
