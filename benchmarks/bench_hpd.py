@@ -67,6 +67,7 @@ WORKLOADS = tuple(os.environ.get("HPD_BENCH_WORKLOADS", "digits,cifar32").split(
 ALGOS = tuple(os.environ.get("HPD_BENCH_ALGOS", "mtt,dm,dc").split(","))
 MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
 MEMORY_REPEATS = int(os.environ.get("HPD_BENCH_MEMORY_REPEATS", "3"))
+PAIRED_ROUNDS = int(os.environ.get("HPD_BENCH_PAIRED", "0"))
 PROVIDERS = ("hpd_fast", "published")
 SG_BATCH = 10  # images per render chunk, both providers
 
@@ -291,6 +292,57 @@ def test_hpd_iteration(benchmark, workload: str, algorithm: str, provider: str) 
     _ROWS.append(row)
 
 
+_PAIRED: list[dict[str, Any]] = []
+
+
+@pytest.mark.skipif(PAIRED_ROUNDS < 1, reason="set HPD_BENCH_PAIRED=<rounds> to run it")
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_hpd_paired(workload: str, algorithm: str) -> None:
+    """Both providers in alternation: every round times one iteration of each (the order
+    flips every round), so that the slow and fast phases of a shared machine fall on both
+    alike; the speed-up is the median over rounds of ``published / hpd_fast``."""
+    import statistics
+    import time
+
+    work = make_workload(workload)
+    for prov in PROVIDERS:
+        RUNNERS[prov](work, algorithm)  # warm-up
+    times: dict[str, list[float]] = {prov: [] for prov in PROVIDERS}
+    for r in range(PAIRED_ROUNDS):
+        for prov in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
+            t0 = time.perf_counter()
+            RUNNERS[prov](work, algorithm)
+            times[prov].append(time.perf_counter() - t0)
+    ratios = sorted(p / h for p, h in zip(times["published"], times["hpd_fast"]))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+    _PAIRED.append({
+        "workload": workload, "algorithm": algorithm, "rounds": PAIRED_ROUNDS,
+        "syn_steps": STEPS if algorithm == "mtt" else None,
+        "times_s": times,
+        "median_s": {prov: statistics.median(v) for prov, v in times.items()},
+        "speedup_median": statistics.median(ratios), "speedup_q1": q1, "speedup_q3": q3,
+        "speedup_min": ratios[0], "speedup_max": ratios[-1],
+    })  # fmt: skip
+
+
+def _paired_table(paired: list[dict[str, Any]]) -> list[str]:
+    import _util
+
+    out = [
+        [
+            p["workload"], p["algorithm"], p["rounds"], f"{p['median_s']['hpd_fast']:.3f}",
+            f"{p['median_s']['published']:.3f}", f"{p['speedup_median']:.2f}×",
+            f"{p['speedup_q1']:.2f}-{p['speedup_q3']:.2f}",
+            f"{p['speedup_min']:.2f}-{p['speedup_max']:.2f}",
+        ]
+        for p in sorted(paired, key=lambda p: (p["workload"], p["algorithm"]))
+    ]  # fmt: skip
+    headers = ["workload", "algorithm", "rounds", "hpd_fast median s", "published median s",
+               "speed-up (median of rounds)", "quartiles", "range"]  # fmt: skip
+    return _util.markdown_table(headers, out, "llr" + "r" * 5).splitlines()
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     import _util
 
@@ -321,22 +373,29 @@ def _table(rows: list[dict[str, Any]]) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _write_results(bench_summary: list):
     yield
-    if not _ROWS:
+    if not (_ROWS or _PAIRED):
         return
     import _util
 
-    threads = torch.get_num_threads()
-    path = _util.results_path("hpd", "cpu", f"{threads}t")
-    _util.write_json(path, {"meta": _util.run_metadata("cpu"), "rows": _ROWS})
+    # A paired-only run gets its own file, so that it does not replace the per-provider rows.
+    tag = f"{torch.get_num_threads()}t" + ("" if _ROWS else "-paired")
+    path = _util.results_path("hpd", "cpu", tag)
+    payload = {"meta": _util.run_metadata("cpu"), "rows": _ROWS}
+    if _PAIRED:
+        payload["paired"] = _PAIRED
+    _util.write_json(path, payload)
     title = f"H-PD iteration ({STEPS} student steps for MTT); results in {path.name}"
-    bench_summary.append((title, _table(_ROWS).splitlines()))
+    lines = _table(_ROWS).splitlines() if _ROWS else []
+    if _PAIRED:
+        lines += ["", "Paired (alternating providers):", *_paired_table(_PAIRED)]
+    bench_summary.append((title, lines))
 
 
 def readme_table(payload: dict[str, Any]) -> list[str]:
     """Markdown for benchmarks/README.md: rounds, median and fastest round, speed-ups by both."""
     import _util
 
-    rows = payload["rows"]
+    rows = payload.get("rows") or []
     by = {(r["workload"], r["algorithm"], r["provider"]): r for r in rows}
     out = []
     for (wl, algo, prov), r in sorted(by.items()):
@@ -363,7 +422,13 @@ def readme_table(payload: dict[str, Any]) -> list[str]:
     headers = ["workload", "algorithm", "provider", "rounds", "median s", "min s",
                "× vs published (medians)", "× (min times)",
                "peak extra MiB (median of runs, range)"]  # fmt: skip
-    return [head, "", *_util.markdown_table(headers, out, "lll" + "r" * 6).splitlines()]
+    lines = [head, ""]
+    if rows:
+        lines += _util.markdown_table(headers, out, "lll" + "r" * 6).splitlines() + [""]
+    if payload.get("paired"):
+        lines += ["Paired rounds (alternating providers):", ""]
+        lines += _paired_table(payload["paired"])
+    return lines
 
 
 if __name__ == "__main__":

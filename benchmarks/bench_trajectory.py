@@ -94,6 +94,8 @@ IPCS = _env_ints("HPD_BENCH_IPC", (1, 10) if FULL else (10,))
 BENCH_MODES = tuple(os.environ.get("HPD_BENCH_MODES", ",".join(MODES)).split(","))
 MEASURE_MEMORY = os.environ.get("HPD_BENCH_MEMORY", "1") != "0"
 MEASURE_TIME = os.environ.get("HPD_BENCH_TIME", "1") != "0"
+# HPD_BENCH_PAIRED=R: the selected modes in alternation, R rounds (see test_trajectory_paired).
+PAIRED_ROUNDS = int(os.environ.get("HPD_BENCH_PAIRED", "0"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +498,64 @@ def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: in
     rows.append(row)
 
 
+_PAIRED: list[dict] = []
+
+
+@pytest.mark.skipif(PAIRED_ROUNDS < 1, reason="set HPD_BENCH_PAIRED=<rounds> to run it")
+@pytest.mark.parametrize("syn_steps", STEPS)
+@pytest.mark.parametrize("ipc", IPCS)
+def test_trajectory_paired(ipc: int, syn_steps: int):
+    """The selected modes in alternation on the CPU: every round times each mode once (the
+    order rotates every round), so slow and fast phases of a shared machine fall on all of
+    them alike; each mode's time is compared with the first mode's in the same round.
+    Results: ``trajectory_<device>-paired.json``; e.g. ``HPD_BENCH_MODES=unrolled,exact``."""
+    import statistics
+
+    modes = [m for m in BENCH_MODES if m in MODES]
+    work = make_workload(ipc, "cpu")
+    for mode in modes:
+        run_once(work, mode, syn_steps)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(PAIRED_ROUNDS):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            t0 = time.perf_counter()
+            run_once(work, mode, syn_steps)
+            times[mode].append(time.perf_counter() - t0)
+    ref = modes[0]
+    ratios = {m: sorted(a / b for a, b in zip(times[m], times[ref])) for m in modes[1:]}
+    _PAIRED.append({
+        "ipc": ipc, "syn_steps": syn_steps, "rounds": PAIRED_ROUNDS, "reference": ref,
+        "commit": _util.git_commit(short=False), "loadavg_1m": round(os.getloadavg()[0], 2),
+        "times_s": times, "median_s": {m: statistics.median(v) for m, v in times.items()},
+        "ratio_median": {m: statistics.median(v) for m, v in ratios.items()},
+        "ratio_min": {m: v[0] for m, v in ratios.items()},
+        "ratio_max": {m: v[-1] for m, v in ratios.items()},
+    })  # fmt: skip
+    path = RESULTS_DIR / f"trajectory_{_util.slug(_util.device_name('cpu'))}-paired.json"
+    payload = _payload("cpu", [])
+    payload["paired"] = _PAIRED
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _paired_table(paired: list[dict]) -> str:
+    lines = [
+        "| IPC | steps | mode | rounds | median s | time / reference (median of rounds) | range |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in paired:
+        for m, med in p["median_s"].items():
+            if m == p["reference"]:
+                ratio, rng = "1.00 (reference)", "-"
+            else:
+                ratio = f"{p['ratio_median'][m]:.2f}"
+                rng = f"{p['ratio_min'][m]:.2f}-{p['ratio_max'][m]:.2f}"
+            lines.append(
+                f"| {p['ipc']} | {p['syn_steps']} | {m} | {p['rounds']} | {med:.2f} | {ratio} "
+                f"| {rng} |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "--table":
     # python benchmarks/bench_trajectory.py --table [RESULT.json ...]: tables from result files
     for f in sys.argv[2:] or sorted(str(p) for p in RESULTS_DIR.glob("trajectory_*.json")):
@@ -503,7 +563,7 @@ if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "--table":
         print(
             f"\n### {d['device_name']} ({d['device']}, {d['threads']} threads) — {Path(f).name}\n"
         )
-        print(_table(d["results"]))
+        print(_paired_table(d["paired"]) if d.get("paired") else _table(d["results"]))
 elif __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--peak-memory":
     _mode, _steps, _ipc, _device_arg = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     print(json.dumps(_measure_in_this_process(_mode, _steps, _ipc, _device_arg)))
