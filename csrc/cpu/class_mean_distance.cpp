@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "class_mean_distance.h"
@@ -52,6 +53,67 @@ Buckets bucket_rows(const at::Tensor& labels, int64_t S) {
   return b;
 }
 
+// buf[0, len) += the columns [j0, j0 + len) of the rows ord[r0 .. r1) of x [N, D].
+template <typename scalar_t, typename acc>
+inline void sum_rows(acc* __restrict__ buf, const scalar_t* xp, const int64_t* ord, int64_t r0,
+                     int64_t r1, int64_t D, int64_t j0, int64_t len) {
+  int64_t r = r0;
+  // Four rows per pass: a quarter of the accumulator traffic, four streams to prefetch.
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
+    const scalar_t* __restrict__ x1 = xp + ord[r + 1] * D + j0;
+    const scalar_t* __restrict__ x2 = xp + ord[r + 2] * D + j0;
+    const scalar_t* __restrict__ x3 = xp + ord[r + 3] * D + j0;
+    for (int64_t j = 0; j < len; ++j) {
+      buf[j] += (cmd::load<acc>(x0[j]) + cmd::load<acc>(x1[j])) +
+                (cmd::load<acc>(x2[j]) + cmd::load<acc>(x3[j]));
+    }
+  }
+  for (; r < r1; ++r) {
+    const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
+    for (int64_t j = 0; j < len; ++j) buf[j] += cmd::load<acc>(x0[j]);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HPD_CMD_AVX2 1
+// The fp32 loop compiled for AVX2 (the extension itself targets baseline x86-64, SSE2), chosen
+// at run time on CPUs that have it: one core then keeps up with memory (2-core EPYC, 1 thread:
+// ~15% faster). Element-wise adds only, in the same order: the same numbers as sum_rows.
+__attribute__((target("avx2"))) void sum_rows_avx2(float* __restrict__ buf, const float* xp,
+                                                   const int64_t* ord, int64_t r0, int64_t r1,
+                                                   int64_t D, int64_t j0, int64_t len) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float* __restrict__ x0 = xp + ord[r] * D + j0;
+    const float* __restrict__ x1 = xp + ord[r + 1] * D + j0;
+    const float* __restrict__ x2 = xp + ord[r + 2] * D + j0;
+    const float* __restrict__ x3 = xp + ord[r + 3] * D + j0;
+    for (int64_t j = 0; j < len; ++j) buf[j] += (x0[j] + x1[j]) + (x2[j] + x3[j]);
+  }
+  for (; r < r1; ++r) {
+    const float* __restrict__ x0 = xp + ord[r] * D + j0;
+    for (int64_t j = 0; j < len; ++j) buf[j] += x0[j];
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename scalar_t, typename acc>
+inline void sum_rows_dispatch(acc* __restrict__ buf, const scalar_t* xp, const int64_t* ord,
+                              int64_t r0, int64_t r1, int64_t D, int64_t j0, int64_t len) {
+#ifdef HPD_CMD_AVX2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+    if (cpu_has_avx2()) return sum_rows_avx2(buf, xp, ord, r0, r1, D, j0, len);
+  }
+#endif
+  sum_rows<scalar_t, acc>(buf, xp, ord, r0, r1, D, j0, len);
+}
+
 template <typename scalar_t>
 void layer_forward(const at::Tensor& x, const at::Tensor& target, const Buckets& b, int64_t S,
                    acc_t<scalar_t>* diff, int64_t ld_diff, acc_t<scalar_t>* dist) {
@@ -79,23 +141,7 @@ void layer_forward(const at::Tensor& x, const at::Tensor& target, const Buckets&
       const int64_t len = std::min(b1 * kColBlock, D) - j0;
       std::fill(buf, buf + len, acc(0));
       const int64_t r0 = b.offsets[s], r1 = b.offsets[s + 1];
-      const int64_t* ord = b.order.data();
-      int64_t r = r0;
-      // Four rows per pass: a quarter of the accumulator traffic, four streams to prefetch.
-      for (; r + 4 <= r1; r += 4) {
-        const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
-        const scalar_t* __restrict__ x1 = xp + ord[r + 1] * D + j0;
-        const scalar_t* __restrict__ x2 = xp + ord[r + 2] * D + j0;
-        const scalar_t* __restrict__ x3 = xp + ord[r + 3] * D + j0;
-        for (int64_t j = 0; j < len; ++j) {
-          buf[j] += (cmd::load<acc>(x0[j]) + cmd::load<acc>(x1[j])) +
-                    (cmd::load<acc>(x2[j]) + cmd::load<acc>(x3[j]));
-        }
-      }
-      for (; r < r1; ++r) {
-        const scalar_t* __restrict__ x0 = xp + ord[r] * D + j0;
-        for (int64_t j = 0; j < len; ++j) buf[j] += cmd::load<acc>(x0[j]);
-      }
+      sum_rows_dispatch<scalar_t, acc>(buf, xp, b.order.data(), r0, r1, D, j0, len);
       const acc inv = cmd::inverse_count<acc>(r1 - r0);
       const bool nonempty = r1 > r0;
       const acc* trow = tp + s * D;
