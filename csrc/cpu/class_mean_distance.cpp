@@ -53,10 +53,18 @@ Buckets bucket_rows(const at::Tensor& labels, int64_t S) {
   return b;
 }
 
-// buf[0, len) += the columns [j0, j0 + len) of the rows ord[r0 .. r1) of x [N, D].
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HPD_CMD_AVX2 1
+#define HPD_CMD_INLINE __attribute__((always_inline)) inline
+#else
+#define HPD_CMD_INLINE inline
+#endif
+
+// buf[0, len) += the columns [j0, j0 + len) of the rows ord[r0 .. r1) of x [N, D]. Always
+// inlined, so that each caller compiles it for its own target (see sum_rows_avx2).
 template <typename scalar_t, typename acc>
-inline void sum_rows(acc* __restrict__ buf, const scalar_t* xp, const int64_t* ord, int64_t r0,
-                     int64_t r1, int64_t D, int64_t j0, int64_t len) {
+HPD_CMD_INLINE void sum_rows(acc* __restrict__ buf, const scalar_t* xp, const int64_t* ord,
+                             int64_t r0, int64_t r1, int64_t D, int64_t j0, int64_t len) {
   int64_t r = r0;
   // Four rows per pass: a quarter of the accumulator traffic, four streams to prefetch.
   for (; r + 4 <= r1; r += 4) {
@@ -75,26 +83,14 @@ inline void sum_rows(acc* __restrict__ buf, const scalar_t* xp, const int64_t* o
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HPD_CMD_AVX2 1
+#ifdef HPD_CMD_AVX2
 // The fp32 loop compiled for AVX2 (the extension itself targets baseline x86-64, SSE2), chosen
 // at run time on CPUs that have it: one core then keeps up with memory (2-core EPYC, 1 thread:
 // ~15% faster). Element-wise adds only, in the same order: the same numbers as sum_rows.
 __attribute__((target("avx2"))) void sum_rows_avx2(float* __restrict__ buf, const float* xp,
                                                    const int64_t* ord, int64_t r0, int64_t r1,
                                                    int64_t D, int64_t j0, int64_t len) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const float* __restrict__ x0 = xp + ord[r] * D + j0;
-    const float* __restrict__ x1 = xp + ord[r + 1] * D + j0;
-    const float* __restrict__ x2 = xp + ord[r + 2] * D + j0;
-    const float* __restrict__ x3 = xp + ord[r + 3] * D + j0;
-    for (int64_t j = 0; j < len; ++j) buf[j] += (x0[j] + x1[j]) + (x2[j] + x3[j]);
-  }
-  for (; r < r1; ++r) {
-    const float* __restrict__ x0 = xp + ord[r] * D + j0;
-    for (int64_t j = 0; j < len; ++j) buf[j] += x0[j];
-  }
+  sum_rows<float, float>(buf, xp, ord, r0, r1, D, j0, len);
 }
 
 bool cpu_has_avx2() {
