@@ -308,6 +308,7 @@ def measure_peak_memory(mode: str, syn_steps: int, ipc: int, device: str) -> dic
 # --------------------------------------------------------------------------------------------
 
 _RESULTS: dict[str, list[dict]] = {}  # device -> rows
+_PAIRED: list[dict] = []  # test_trajectory_paired, CPU
 
 
 def _fmt_mib(b: int | None) -> str:
@@ -369,6 +370,11 @@ def _write_results(request):
             reporter.write_line(text)
         else:
             print(text)
+    if _PAIRED:  # test_trajectory_paired runs on the CPU
+        path = RESULTS_DIR / f"trajectory_{_util.slug(_util.device_name('cpu'))}-paired.json"
+        payload = _payload("cpu", [])
+        payload["paired"] = _PAIRED
+        path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _merge(path: Path, rows: list[dict]) -> list[dict]:
@@ -498,9 +504,6 @@ def test_trajectory_benchmark(benchmark, bench_dev: str, ipc: int, syn_steps: in
     rows.append(row)
 
 
-_PAIRED: list[dict] = []
-
-
 @pytest.mark.skipif(PAIRED_ROUNDS < 1, reason="set HPD_BENCH_PAIRED=<rounds> to run it")
 @pytest.mark.parametrize("syn_steps", STEPS)
 @pytest.mark.parametrize("ipc", IPCS)
@@ -531,10 +534,6 @@ def test_trajectory_paired(ipc: int, syn_steps: int):
         "ratio_min": {m: v[0] for m, v in ratios.items()},
         "ratio_max": {m: v[-1] for m, v in ratios.items()},
     })  # fmt: skip
-    path = RESULTS_DIR / f"trajectory_{_util.slug(_util.device_name('cpu'))}-paired.json"
-    payload = _payload("cpu", [])
-    payload["paired"] = _PAIRED
-    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _paired_table(paired: list[dict]) -> str:

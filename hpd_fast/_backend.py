@@ -139,3 +139,16 @@ def select_backend(op: str, device: torch.device, backend: str | None) -> str:
     if device.type == "cpu" and _status("cpp")[0]:
         return "cpp"
     return "reference"
+
+
+def under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is active.
+
+    Autograd registered through torch.library, and custom autograd functions without vmap
+    rules, are invisible to those transforms: ops that rely on them run a plain-PyTorch path
+    there. torch.compile traces the kernels (no transform), so this is False while compiling.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpd_fast import _backend
+
 __all__ = ["conv2d"]
 
 _Pair = tuple[int, int]
@@ -136,11 +138,6 @@ def conv2d(
             f"conv2d: x must be [B, C_in, H, W] and weight [C_out, C_in, kH, kW] with the same "
             f"C_in, got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
-    if torch.compiler.is_compiling() or _under_func_transform():
+    if torch.compiler.is_compiling() or _backend.under_func_transform():
         return F.conv2d(x, weight, bias, stride, padding)
     return _Conv.apply(x, weight, bias, stride, padding)
-
-
-def _under_func_transform() -> bool:
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None

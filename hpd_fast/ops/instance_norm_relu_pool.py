@@ -348,19 +348,6 @@ if _backend.backend_info()["triton"]["available"]:
 # --------------------------------------------------------------------------------------------
 
 
-def _under_func_transform() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, ...) is active.
-
-    Autograd registered through torch.library is invisible to those transforms, so the
-    kernels cannot run under them. torch.compile traces the kernels (no transform), so the
-    check is skipped while compiling.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
-
-
 def instance_norm_relu_pool(
     x: Tensor,
     weight: Tensor | None,
@@ -397,7 +384,7 @@ def instance_norm_relu_pool(
     ``backend=None`` runs the reference (a forced kernel backend raises ``RuntimeError``).
     """
     x, w, b, eps = _prepare(x, weight, bias, eps, pool)
-    if _under_func_transform():
+    if _backend.under_func_transform():
         if backend not in (None, "reference"):
             raise RuntimeError(
                 f"{_OP}: backend={backend!r} cannot run under torch.func transforms (vmap, "
