@@ -343,33 +343,6 @@ def _paired_table(paired: list[dict[str, Any]]) -> list[str]:
     return _util.markdown_table(headers, out, "llr" + "r" * 5).splitlines()
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    import _util
-
-    by = {(r["workload"], r["algorithm"], r["provider"]): r for r in rows}
-    out = []
-    for (wl, algo, prov), r in sorted(by.items()):
-        t = (r["time"] or {}).get("median_s")
-        base = by.get((wl, algo, "published"))
-        tb = (base["time"] or {}).get("median_s") if base else None
-        mem = (r["memory"] or {}).get("peak_delta_mib")
-        out.append(
-            [
-                wl,
-                algo,
-                prov,
-                f"{t:.3f}" if t else None,
-                f"{tb / t:.2f}" if t and tb else None,
-                f"{mem:.0f}" if mem is not None else None,
-            ]
-        )
-    return _util.markdown_table(
-        ["workload", "algorithm", "provider", "median s", "x vs published", "peak extra MiB"],
-        out,
-        "lllrrr",
-    )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_results(bench_summary: list):
     yield
@@ -385,9 +358,7 @@ def _write_results(bench_summary: list):
         payload["paired"] = _PAIRED
     _util.write_json(path, payload)
     title = f"H-PD iteration ({STEPS} student steps for MTT); results in {path.name}"
-    lines = _table(_ROWS).splitlines() if _ROWS else []
-    if _PAIRED:
-        lines += ["", "Paired (alternating providers):", *_paired_table(_PAIRED)]
+    lines = readme_table(payload)[2:]  # the tables, without the metadata line
     bench_summary.append((title, lines))
 
 
