@@ -133,6 +133,17 @@ def _threads(text: str) -> int | str:
         ) from None
 
 
+def _snapshot_budget(text: str) -> int | str:
+    if str(text).strip().lower() == "all":
+        return "all"
+    try:
+        return _POS(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'all' or an integer >= 1, got {text!r}"
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # a subcommand whose options can also come from a config file
 # ----------------------------------------------------------------------------------------------
@@ -608,6 +619,7 @@ def _load_generator(args: argparse.Namespace, data: hpd_fast.DistillData, device
 
 
 def _distill_options(cmd: _Command) -> None:
+    from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS
     from hpd_fast.distill.trajectory import MODES
 
     cmd.section("distillation")
@@ -737,12 +749,13 @@ def _distill_options(cmd: _Command) -> None:
         help="start epochs are drawn from [0, N) (default: H-PD's)",
     )
     cmd.opt(
-        "--snapshot-every",
-        type=_POS,
+        "--max-snapshots",
+        type=_snapshot_budget,
         default=None,
         show_default=False,
-        help="exact/first_order modes: keep every k-th student snapshot and rebuild the rest "
-        "in the backward sweep (memory of long trajectories; same gradients; default 1)",
+        help="exact/first_order modes: the most student snapshots stored at once; longer "
+        "trajectories rebuild the rest in the backward sweep (same gradients); 'all' stores "
+        f"every one (default {DEFAULT_MAX_SNAPSHOTS})",
     )
     cmd.opt(
         "--batch-syn",
@@ -807,11 +820,13 @@ def _hpd_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             max_start_epoch="max_start_epoch",
             batch_syn="batch_syn",
             lr_lr="lr_lr",
-            snapshot_every="snapshot_every",
+            max_snapshots="max_snapshots",
         )
     out = {hpd: getattr(args, cli) for cli, hpd in names.items() if getattr(args, cli) is not None}
     if args.algorithm == "mtt":
         out.setdefault("iterations_per_stage", MAIN_MTT_ITERATIONS)
+        if out.get("max_snapshots") == "all":
+            out["max_snapshots"] = None
     return out
 
 

@@ -215,8 +215,8 @@ def test_unknown_dataset(tmp_path, capsys):
     [
         (["distill", "--ipc", "0"], "argument --ipc: must be an integer >= 1, got 0"),
         (
-            ["distill", "--snapshot-every", "0"],
-            "argument --snapshot-every: must be an integer >= 1, got 0",
+            ["distill", "--max-snapshots", "0"],
+            "argument --max-snapshots: must be 'all' or an integer >= 1, got '0'",
         ),
         (["distill", "--ipc", "two"], "argument --ipc: must be an integer, got 'two'"),
         (["distill", "--algorithm", "xyz"], "argument --algorithm: invalid choice"),
@@ -283,3 +283,15 @@ def test_bench_lists_suites(capsys):
     rc = main(["bench", "no_such_suite"])
     assert rc == 2
     assert "unknown benchmark suite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "value"), [("all", None), ("ALL", None), ("8", 8)])
+def test_max_snapshots_reaches_hpd(text, value):
+    """``--max-snapshots all`` means every snapshot (None), a number that budget."""
+    from hpd_fast import cli
+
+    ns = build_parser().parse_args(["distill", "--algorithm", "mtt", "--max-snapshots", text])
+    kwargs = cli._hpd_kwargs(cli._resolve(cli._COMMANDS["distill"], ns))
+    assert kwargs["max_snapshots"] == value
+    ns = build_parser().parse_args(["distill", "--algorithm", "mtt"])
+    assert "max_snapshots" not in cli._hpd_kwargs(cli._resolve(cli._COMMANDS["distill"], ns))

@@ -256,13 +256,13 @@ class _Stop(Exception):
     pass
 
 
-def test_snapshot_every_gives_the_same_run():
-    """Rebuilding student snapshots (snapshot_every=2) changes memory, not one number."""
+def test_max_snapshots_gives_the_same_run():
+    """Rebuilding student snapshots (2 stored for 5 steps) changes memory, not one number."""
     data = tiny_data()
     experts = TinyExperts(data)
     kw = {"syn_steps": 5, "iterations_per_stage": 2}
-    ref = make("mtt", data=data, experts=experts, **kw).fit(progress=False)
-    got = make("mtt", data=data, experts=experts, snapshot_every=2, **kw).fit(progress=False)
+    ref = make("mtt", data=data, experts=experts, max_snapshots=None, **kw).fit(progress=False)
+    got = make("mtt", data=data, experts=experts, max_snapshots=2, **kw).fit(progress=False)
     _same(got, ref)
 
 
@@ -384,8 +384,8 @@ def test_bad_input():
         HPD(G, data, 1, "mtt", experts, expert_epochs=1, max_start_epoch=3)
     with pytest.raises(ValueError, match="batch_syn"):
         HPD(G, data, 1, "mtt", experts, expert_epochs=1, batch_syn=4)
-    with pytest.raises(ValueError, match="snapshot_every"):
-        HPD(G, data, 1, "mtt", experts, expert_epochs=1, snapshot_every=0)
+    with pytest.raises(ValueError, match="max_snapshots"):
+        HPD(G, data, 1, "mtt", experts, expert_epochs=1, max_snapshots=0)
     with pytest.raises(TypeError, match="experts must provide"):
         HPD(G, data, 1, "mtt", object())
     wrong = TinyExperts(data)

@@ -6,11 +6,13 @@ agree with plain autograd through every step to rounding.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpd_fast.augment import DSA
+from hpd_fast.distill.snapshots import SnapshotPlan
 from hpd_fast.distill.trajectory import MODES, batch_schedule, trajectory_matching_loss
 from hpd_fast.models.convnet import ConvNet
 from hpd_fast.ops.trajectory_ops import (
@@ -324,14 +327,15 @@ def test_snapshot_device_cpu(mode: str):
 
 
 @pytest.mark.parametrize("mode", ["exact", "first_order"])
-@pytest.mark.parametrize("every", [2, 3, 7, 50])
-def test_snapshot_every_rebuilds_the_same_snapshots(mode: str, every: int):
-    """Storing every k-th snapshot (k = 2, 3: uneven last segment; 7 = N; 50 > N) changes
-    nothing: the rebuilt parameters are the same numbers, so the gradients are identical."""
+@pytest.mark.parametrize("budget", [1, 2, 3, 5, 7, 50])
+def test_max_snapshots_rebuilds_the_same_snapshots(mode: str, budget: int):
+    """A snapshot budget below N (1: every snapshot from theta_0 again; 2, 3: steps rebuilt
+    more than once; 5: each at most once; 7 = N and 50 > N: all stored) changes nothing: the
+    rebuilt parameters are the same numbers, so the gradients are identical."""
     problem = make_problem(soft=True)
     kw = dict(batch_syn=3, syn_steps=7, seed=4, augment=AUGMENTS["dsa"])
-    a = run(problem, mode, **kw)
-    b = run(problem, mode, snapshot_every=every, **kw)
+    a = run(problem, mode, max_snapshots=None, **kw)
+    b = run(problem, mode, max_snapshots=budget, **kw)
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
     if mode == "exact":
@@ -339,13 +343,108 @@ def test_snapshot_every_rebuilds_the_same_snapshots(mode: str, every: int):
         assert rel_err(b[1], ref[1]) < 1e-9 and rel_err(b[3], ref[3]) < 1e-9
 
 
-def test_snapshot_every_backward_twice():
-    """retain_graph: a second backward replays the same snapshots and doubles the gradient."""
+@pytest.mark.parametrize(("steps", "budget"), [(9, 4), (12, 4), (20, 3), (6, 6), (6, 2), (5, 1)])
+def test_max_snapshots_bounds_live_snapshots_and_recomputation(monkeypatch, steps, budget):
+    """Counted on the real tensors: stored snapshots alive at once never exceed the budget
+    (so the reverse sweep does release them), and the SGD steps taken without a graph are the
+    N of the forward sweep plus the plan's recomputation (N - budget when each is rebuilt
+    once, i.e. N <= budget (budget + 1) / 2)."""
+    from hpd_fast.distill import trajectory as tm
+
+    alive = peak = graphless = 0
+    offload, grad_at = tm._Sweep.offload, tm._Sweep.grad_at
+
+    def on_free():
+        nonlocal alive
+        alive -= 1
+
+    def counting_offload(self, theta):
+        nonlocal alive, peak
+        out = offload(self, theta)
+        alive += 1
+        peak = max(peak, alive)
+        weakref.finalize(out, on_free)
+        return out
+
+    def counting_grad_at(self, t, theta, xb, yb, create_graph):
+        nonlocal graphless
+        graphless += not create_graph
+        return grad_at(self, t, theta, xb, yb, create_graph)
+
+    monkeypatch.setattr(tm._Sweep, "offload", counting_offload)
+    monkeypatch.setattr(tm._Sweep, "grad_at", counting_grad_at)
+    problem = make_problem(m=4)
+    run(problem, "exact", syn_steps=steps, max_snapshots=budget, seed=2)
+    plan = SnapshotPlan.get(steps, budget)
+    assert peak == plan.peak <= budget
+    assert graphless == steps + plan.recomputed_steps
+    if steps <= budget * (budget + 1) // 2:
+        assert plan.recomputed_steps == max(0, steps - budget)
+    gc.collect()
+    assert alive == 0
+
+
+def test_snapshot_plan_replays_every_step_in_reverse():
+    """On integers standing for snapshots: every (N, S) yields t = N-1 .. 0 with theta_t
+    reached from a stored snapshot by the right steps, advances as often as the plan says,
+    and recomputes N (N - 1) / 2 steps with a single slot, none when S >= N."""
+    for n in range(1, 40):
+        for s in [*range(1, 12), None]:
+            plan = SnapshotPlan(n, s)
+            taken: list[int] = []
+
+            def advance(t, x, taken=taken):
+                assert x == t
+                taken.append(t)
+                return t + 1
+
+            out = list(plan.reverse(list(plan.chain), advance, lambda x: x, lambda x: x))
+            assert out == [(t, t) for t in range(n - 1, -1, -1)], (n, s)
+            assert len(taken) == plan.recomputed_steps and plan.peak <= (s or n)
+            if s is None or s >= n:
+                assert plan.recomputed_steps == 0 and plan.chain == list(range(n))
+            elif s == 1:
+                assert plan.recomputed_steps == n * (n - 1) // 2
+            elif n <= s * (s + 1) // 2:
+                assert plan.recomputed_steps == n - s  # the lower bound: S stored, N - S not
+
+
+def test_snapshot_plan_recomputes_the_fewest_steps():
+    """Against an independent exhaustive search over every recursive schedule (split a
+    segment anywhere, store the split point, reverse the upper part with one slot fewer):
+    the plan's recomputation is the minimum, also where steps must be rebuilt twice or more
+    (N > S (S + 1) / 2)."""
+    import functools
+
+    @functools.cache
+    def rebuild(n, s):  # cost of reversing n steps from a held snapshot, none of them taken
+        if n == 1:
+            return 0
+        if s == 1:
+            return sum(range(n))
+        return min(m + rebuild(n - m, s - 1) + rebuild(m, s) for m in range(1, n))
+
+    @functools.cache
+    def first(n, s):  # the same while the forward sweep takes the steps anyway
+        if n == 1:
+            return 0
+        if s == 1:
+            return sum(range(n))
+        return min(first(n - m, s - 1) + rebuild(m, s) for m in range(1, n))
+
+    for n in range(1, 46):
+        for s in range(1, 9):
+            assert SnapshotPlan(n, s).recomputed_steps == first(n, s), (n, s)
+
+
+def test_max_snapshots_backward_twice():
+    """retain_graph: the first backward released the stored snapshots; a second one stores
+    them again and gives the same gradient (so the total doubles)."""
     net, images, labels, start, target = make_problem()
     x = images.clone().requires_grad_(True)
     lr = torch.tensor(0.1, dtype=F64)
     loss = trajectory_matching_loss(
-        net, x, labels, lr, start, target, syn_steps=5, seed=0, snapshot_every=2
+        net, x, labels, lr, start, target, syn_steps=5, seed=0, max_snapshots=2
     )
     loss.backward(retain_graph=True)
     first = x.grad.clone()
@@ -531,9 +630,9 @@ def _bad_cases(problem):
         ("mode", dict(mode="second_order")),
         ("student", dict(student=bn_net, start_params=bn_start, target_params=bn_start + 1)),
         ("snapshot_device", dict(snapshot_device="not-a-device")),
-        ("snapshot_every", dict(snapshot_every=0)),
-        ("snapshot_every", dict(snapshot_every=2.0)),
-        ("snapshot_every", dict(snapshot_every=True)),
+        ("max_snapshots", dict(max_snapshots=0)),
+        ("max_snapshots", dict(max_snapshots=2.0)),
+        ("max_snapshots", dict(max_snapshots=True)),
         ("augment", dict(augment="dsa")),
         ("seed", dict(seed="1")),
     ]

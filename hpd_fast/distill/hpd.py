@@ -47,6 +47,7 @@ from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
+from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, check_max_snapshots
 from hpd_fast.distill.trajectory import MODES, trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -159,9 +160,9 @@ class HPD:
             learnable student rate, its initial value (default ``experts.lr``), and the gradient
             (``"exact"``, ``"first_order"`` or ``"unrolled"``; see
             :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`).
-        snapshot_every: keep every k-th student parameter snapshot and rebuild the others in
-            the backward sweep (less memory for long trajectories of large students, one extra
-            forward+backward on (k-1)/k of the steps; same gradients).
+        max_snapshots: the most student parameter snapshots the exact / first-order sweep
+            stores at once (default 32); longer trajectories rebuild the others in the
+            backward sweep (same gradients); None stores all ``syn_steps``.
         batch_real: real images per class in each DM / DC iteration.
         model, model_kwargs: the random network of DM / DC (a name of
             :data:`hpd_fast.models.MODEL_NAMES`; DM uses its ``embed``).
@@ -216,7 +217,7 @@ class HPD:
         lr_lr: float = 1e-6,
         lr_teacher: float | None = None,
         mtt_mode: str = "exact",
-        snapshot_every: int = 1,
+        max_snapshots: int | None = DEFAULT_MAX_SNAPSHOTS,
         batch_real: int = 64,
         model: str = "ConvNet",
         model_kwargs: Mapping[str, Any] | None = None,
@@ -277,10 +278,7 @@ class HPD:
             raise ValueError(f"continue_from must be 'best' or 'last', got {continue_from!r}")
         if mtt_mode not in MODES:
             raise ValueError(f"mtt_mode must be one of {MODES}, got {mtt_mode!r}")
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
-            raise TypeError(f"snapshot_every must be an int, got {type(snapshot_every).__name__}")
-        if snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+        check_max_snapshots(max_snapshots)
         for name, value in (("model", model), ("crfd_model", crfd_model)):
             if value not in MODEL_NAMES:
                 raise ValueError(f"{name} must be one of {', '.join(MODEL_NAMES)}, got {value!r}")
@@ -338,7 +336,7 @@ class HPD:
         self.experts = experts
         self.mtt_mode = mtt_mode
         # Not part of the run's identity: it changes memory and time, not the numbers.
-        self.snapshot_every = snapshot_every
+        self.max_snapshots = max_snapshots
         self.syn_steps = check_int("syn_steps", syn_steps, 1)
         self.expert_epochs = check_int("expert_epochs", expert_epochs, 1)
         self.lr_lr = check_float("lr_lr", lr_lr, allow_zero=True)
@@ -527,7 +525,7 @@ class HPD:
                 augment=self._aug_plain if self.augment is not None else None,
                 mode=self.mtt_mode,
                 seed=self._draw(gen, 2**62),
-                snapshot_every=self.snapshot_every,
+                max_snapshots=self.max_snapshots,
             )
         net_seed = self._draw(gen, 2**62)
         real_x, real_y = self._real_batch(gen)

@@ -13,10 +13,11 @@ Three ways to differentiate ``L`` are offered (``mode=``):
     Reverse-mode through the whole trajectory without keeping its graph. The forward sweep
     stores only the parameter snapshots, the batch indices and the augmentation seeds; the
     backward sweep replays one step at a time and propagates the adjoint
-    ``lambda_t = (I - alpha H_t) lambda_t+1`` with one double-backward per step. Memory:
-    ``N * P`` snapshot floats plus one step's graph, independent of ``N`` otherwise. Gradients
-    equal the full unroll's up to floating-point rounding; cost is about one extra
-    forward+backward per step.
+    ``lambda_t = (I - alpha H_t) lambda_t+1`` with one double-backward per step. Memory: one
+    step's graph plus at most ``max_snapshots`` parameter vectors (32 by default; longer
+    trajectories rebuild the snapshots they did not store, see
+    :mod:`hpd_fast.distill.snapshots`), whatever ``N``. Gradients equal the full unroll's up to
+    floating-point rounding; cost is about one extra forward+backward per step.
 
 ``"first_order"``
     The approximation used by the published TESLA / GLaD / H-PD code (see
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotPlan, check_max_snapshots
 from hpd_fast.ops.trajectory_ops import adjoint_update, param_match_loss, sgd_step
 from hpd_fast.params import check_replayable, functional_forward
 
@@ -133,7 +135,7 @@ class _Sweep:
     augment: Augment | None
     snapshot_device: torch.device | None
     first_order: bool
-    snapshot_every: int = 1
+    plan: SnapshotPlan
 
     def step_grad(
         self, t: int, theta: Tensor, images: Tensor, labels: Tensor, create_graph: bool
@@ -174,6 +176,32 @@ class _Sweep:
 # --------------------------------------------------------------------------------------------
 
 
+def _forward_sweep(
+    sweep: _Sweep, x_all: Tensor, y_all: Tensor, lr: Tensor, start: Tensor, need_grad: bool
+) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """Take the ``N`` steps without a graph from ``start`` (all detached).
+
+    Returns:
+        ``(theta_N, snapshots, g_sum)``: the snapshots of ``sweep.plan.chain`` when
+        ``need_grad`` (else none) and, in first-order mode, ``sum_t g_t`` (else None).
+    """
+    theta = start
+    snapshots: list[Tensor] = []
+    keep = set(sweep.plan.chain) if need_grad else set()
+    g_sum = torch.zeros_like(theta) if sweep.first_order else None
+    for t in range(len(sweep.schedule)):
+        if t in keep:
+            snapshots.append(sweep.offload(theta))
+        # Autograd is off inside Function.forward; each step needs its own small graph.
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
+        theta = sgd_step(theta, g, lr)
+        if g_sum is not None:
+            g_sum += g
+    return theta, snapshots, g_sum
+
+
 class _TrajectoryMatch(torch.autograd.Function):
     """``L(images, labels, syn_lr)`` with a replaying backward (exact or first-order)."""
 
@@ -188,33 +216,30 @@ class _TrajectoryMatch(torch.autograd.Function):
         sweep: _Sweep,
     ) -> Tensor:
         need_grad = any(ctx.needs_input_grad[:3])
-        x_all, y_all = images.detach(), labels.detach()
-        lr = syn_lr.detach()
-        theta = start.detach()
-        snapshots: list[Tensor] = []
-        g_sum = torch.zeros_like(theta) if sweep.first_order else None
-        for t in range(len(sweep.schedule)):
-            if need_grad and t % sweep.snapshot_every == 0:
-                snapshots.append(sweep.offload(theta))
-            # Autograd is off inside Function.forward; each step needs its own small graph.
-            with torch.enable_grad():
-                leaf = theta.detach().requires_grad_(True)
-                _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
-            theta = sgd_step(theta, g, lr)
-            if g_sum is not None:
-                g_sum += g
+        theta, snapshots, g_sum = _forward_sweep(
+            sweep, images.detach(), labels.detach(), syn_lr.detach(), start.detach(), need_grad
+        )
         loss, seed = param_match_loss(theta, target.detach(), start.detach())
         ctx.sweep = sweep
         ctx.snapshots = snapshots
-        ctx.save_for_backward(images, labels, syn_lr, seed, g_sum)
+        ctx.save_for_backward(images, labels, syn_lr, start, seed, g_sum)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        images, labels, syn_lr, seed, g_sum = ctx.saved_tensors
+        images, labels, syn_lr, start, seed, g_sum = ctx.saved_tensors
         sweep: _Sweep = ctx.sweep
-        snapshots: list[Tensor] = ctx.snapshots
+        x_all, y_all = images.detach(), labels.detach()
+        # The reverse sweep releases each stored snapshot once its segment is done (the budget
+        # counts on it), so ctx must not keep them. A second backward (retain_graph=True)
+        # stores them again with one more forward sweep.
+        snapshots: list[Tensor] | None = ctx.snapshots
+        ctx.snapshots = None
+        if snapshots is None:
+            snapshots = _forward_sweep(
+                sweep, x_all, y_all, syn_lr.detach(), start.detach(), need_grad=True
+            )[1]
         need_x, need_y, need_lr = ctx.needs_input_grad[:3]
         need_y = need_y and labels.is_floating_point()
         device = seed.device
@@ -224,7 +249,6 @@ class _TrajectoryMatch(torch.autograd.Function):
         d_x = torch.zeros_like(images) if need_x else None
         d_y = torch.zeros_like(labels) if need_y else None
         d_lr = seed.new_zeros(())
-        x_all, y_all = images.detach(), labels.detach()
 
         # Each VJP of g_t with cotangent v is taken as the gradient of the scalar <g_t, v>: the
         # same numbers as grad(g_t, ..., grad_outputs=v), but on CPU its peak memory is ~30 MB
@@ -267,27 +291,24 @@ def _reverse_thetas(
     y_all: Tensor,
     device: torch.device,
 ) -> Iterator[tuple[int, Tensor]]:
-    """``(t, theta_t)`` for ``t = N-1 .. 0`` (fresh tensors on ``device``, no graph).
+    """``(t, theta_t)`` for ``t = N-1 .. 0`` (tensors on ``device``, no graph).
 
-    With ``snapshot_every = k`` only ``theta_0, theta_k, theta_2k, ...`` were stored: each
-    segment is rebuilt from its first snapshot by repeating the forward sweep's steps (the same
-    batches, augmentation seeds, rate and ops, so the same numbers), holding at most ``k``
-    parameter vectors at a time.
+    ``snapshots`` are those of ``sweep.plan.chain``; the others are rebuilt by repeating the
+    forward sweep's steps (the same batches, augmentation seeds, rate and ops, so the same
+    numbers), never holding more than the plan's budget of stored vectors.
     """
-    n, k = len(sweep.schedule), sweep.snapshot_every
     lr = syn_lr.detach()
-    for i in range(len(snapshots) - 1, -1, -1):
-        start = i * k
-        theta = snapshots[i].to(device, non_blocking=True)
-        segment = [theta]
-        for t in range(start, min(start + k, n) - 1):
-            with torch.enable_grad():
-                leaf = theta.detach().requires_grad_(True)
-                _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
-            theta = sgd_step(theta, g, lr)
-            segment.append(theta)
-        for t in range(min(start + k, n) - 1, start - 1, -1):
-            yield t, segment.pop().detach()
+
+    def advance(t: int, theta: Tensor) -> Tensor:
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
+        return sgd_step(theta, g, lr)
+
+    def load(snapshot: Tensor) -> Tensor:
+        return snapshot.to(device, non_blocking=True).detach()
+
+    return sweep.plan.reverse(snapshots, advance, sweep.offload, load)
 
 
 def _replay_batch(
@@ -494,7 +515,7 @@ def trajectory_matching_loss(
     mode: str = "exact",
     seed: int | None = None,
     snapshot_device: str | torch.device | None = None,
-    snapshot_every: int = 1,
+    max_snapshots: int | None = DEFAULT_MAX_SNAPSHOTS,
 ) -> Tensor:
     """Trajectory-matching loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
 
@@ -551,12 +572,16 @@ def trajectory_matching_loss(
         snapshot_device: where ``"exact"``/``"first_order"`` keep the ``N`` parameter
             snapshots (e.g. ``"cpu"`` to spare GPU memory); ``None`` keeps them with the
             parameters.
-        snapshot_every: ``"exact"``/``"first_order"`` store every ``k``-th snapshot only and
-            rebuild the others segment by segment in the backward sweep: snapshot memory
-            ``ceil(N / k) + k`` parameter vectors instead of ``N``, for one extra forward and
-            backward (no graph) on ``(k - 1) / k`` of the steps. ``1`` (default) stores all.
-            Gradients are unchanged (the rebuilt snapshots are the same numbers on the CPU;
-            on CUDA, up to the nondeterminism of its convolution kernels).
+        max_snapshots: the most parameter vectors ``"exact"``/``"first_order"`` store at once
+            (default 32). With ``N <= max_snapshots`` every snapshot is stored; beyond, the
+            backward sweep rebuilds the missing ones by repeating forward steps (no graph) on
+            the schedule of :class:`~hpd_fast.distill.snapshots.SnapshotPlan`, which takes
+            the fewest such steps: ``N - max_snapshots`` of them while
+            ``N <= max_snapshots (max_snapshots + 1) / 2``, each once. Snapshot memory then
+            stays the same however long the trajectory. ``None`` stores all ``N`` (memory
+            grows by ``P`` floats a step; nothing is recomputed). Gradients are the same
+            numbers either way on the CPU (on CUDA, up to the nondeterminism of its
+            convolution kernels).
 
     Returns:
         0-dim tensor, the loss (dtype of ``start_params``).
@@ -578,16 +603,12 @@ def trajectory_matching_loss(
         seed,
         snapshot_device,
     )
-    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int):
-        raise TypeError(f"snapshot_every must be an int, got {type(snapshot_every).__name__}")
-    if snapshot_every < 1:
-        raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+    check_max_snapshots(max_snapshots)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     schedule = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
-    sweep = _Sweep(
-        student, schedule, augment, snap_dev, mode == "first_order", min(snapshot_every, syn_steps)
-    )
+    plan = SnapshotPlan.get(syn_steps, max_snapshots)
+    sweep = _Sweep(student, schedule, augment, snap_dev, mode == "first_order", plan)
     if mode == "unrolled":
         return _unrolled(sweep, images, labels, syn_lr, start_params, target_params)
     return _TrajectoryMatch.apply(images, labels, syn_lr, start_params, target_params, sweep)
