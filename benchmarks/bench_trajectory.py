@@ -326,7 +326,8 @@ def _table(rows: list[dict]) -> str:
         f"| peak MiB ({mem_key}) | mem / unrolled |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["ipc"], r["syn_steps"], MODES.index(r["mode"]))):
+    order = {m: i for i, m in enumerate(MODES)}
+    for r in sorted(rows, key=lambda r: (r["ipc"], r["syn_steps"], order.get(r["mode"], 99))):
         ref = base.get((r["ipc"], r["syn_steps"]))
         ref_plain = plain.get((r["ipc"], r["syn_steps"]))
         t_ratio = m_ratio = p_ratio = "-"
@@ -392,7 +393,8 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     except (OSError, ValueError):
         return rows
     mine = {key(r) for r in rows}
-    return [r for r in old if key(r) not in mine and "mode" in r] + rows
+    # Rows of a mode this file no longer defines were measured by another version: dropped.
+    return [r for r in old if r.get("mode") in MODES and key(r) not in mine] + rows
 
 
 def _payload(device: str, rows: list[dict]) -> dict:
