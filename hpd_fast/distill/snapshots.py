@@ -78,7 +78,8 @@ class SnapshotPlan:
         return SnapshotPlan(num_steps, max_snapshots)
 
     def __init__(self, num_steps: int, max_snapshots: int | None) -> None:
-        n_max = num_steps
+        n_max = check_int("num_steps", num_steps, 1)
+        max_snapshots = check_max_snapshots(max_snapshots)
         slots = n_max if max_snapshots is None else min(max_snapshots, n_max)
         self.num_steps, self.slots = n_max, slots
         if slots >= n_max:  # store everything: the chain is every step
