@@ -122,26 +122,25 @@ _POS = _int_at_least(1)
 _NONNEG = _int_at_least(0)
 
 
-def _threads(text: str) -> int | str:
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    try:
-        return _POS(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be 'auto' or an integer >= 1, got {text!r}"
-        ) from None
+def _word_or_positive(word: str) -> Callable[[str], int | str]:
+    """An argument type: ``word`` (any case) or an integer ``>= 1``."""
+
+    def parse(text: str) -> int | str:
+        if str(text).strip().lower() == word:
+            return word
+        try:
+            return _POS(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be '{word}' or an integer >= 1, got {text!r}"
+            ) from None
+
+    parse.__name__ = f"{word}|int>=1"
+    return parse
 
 
-def _snapshot_budget(text: str) -> int | str:
-    if str(text).strip().lower() == "all":
-        return "all"
-    try:
-        return _POS(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be 'all' or an integer >= 1, got {text!r}"
-        ) from None
+_threads = _word_or_positive("auto")
+_snapshot_budget = _word_or_positive("all")
 
 
 # ----------------------------------------------------------------------------------------------
