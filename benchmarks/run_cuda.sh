@@ -6,7 +6,10 @@
 #   bash benchmarks/run_cuda.sh ops        # feature distance + student block benchmarks
 #   bash benchmarks/run_cuda.sh traj1      # trajectory matching, IPC 1, 10-80 steps
 #   bash benchmarks/run_cuda.sh traj10     # trajectory matching, IPC 10, 10-80 steps
-#   bash benchmarks/run_cuda.sh all        # everything above, in order
+#   bash benchmarks/run_cuda.sh all        # everything above, in order (build, test, traj10,
+#                                          # traj1, ops), each test/benchmark stage capped by
+#                                          # STAGE_SECONDS (default 240) so that one call of
+#                                          # under ten minutes brings back what finished
 #
 # Nothing is downloaded: the package is installed with --no-deps into the machine's own Python
 # (torch >= 2.11 with CUDA, triton >= 3.6). Result JSON files go to benchmarks/results/ (named
@@ -24,9 +27,12 @@ save() {
   fi
 }
 
-run_logged() {  # name, command...
+run_logged() {  # name, command... (killed after $STAGE_SECONDS when that is set)
   local name=$1
   shift
+  if [ -n "${STAGE_SECONDS:-}" ]; then
+    set -- timeout --signal=INT --kill-after=20 "$STAGE_SECONDS" "$@"
+  fi
   if [ -n "$OUT_DIR" ]; then
     mkdir -p "$OUT_DIR"
     "$@" 2>&1 | tee "$OUT_DIR/$name.log"
@@ -76,7 +82,14 @@ case "${1:-all}" in
   ops) ops ;;
   traj1) traj 1 ;;
   traj10) traj 10 ;;
-  all) build && tests; ops; traj 1; traj 10 ;;
+  all)
+    build || exit 1
+    export STAGE_SECONDS=${STAGE_SECONDS:-240}
+    tests
+    traj 10
+    traj 1
+    ops
+    ;;
   *)
     echo "usage: $0 build|test|ops|traj1|traj10|all" >&2
     exit 2
