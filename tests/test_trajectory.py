@@ -224,6 +224,37 @@ def test_no_gradient_to_start_and_target():
         loss = trajectory_matching_loss(net, x, labels, lr, start, target, syn_steps=3, mode=mode)
         loss.backward()
         assert start.grad is None and target.grad is None
+    # Only the constants require grad: the sweeps' backward runs and fills nothing.
+    for mode in ("exact", "first_order"):
+        loss = trajectory_matching_loss(
+            net, images, labels, lr, start, target, syn_steps=3, mode=mode
+        )
+        loss.backward()
+        assert start.grad is None and target.grad is None
+
+
+def test_first_order_rate_only_stores_no_snapshot(monkeypatch):
+    """first_order's rate gradient comes from the forward sweep's sum of g_t: with nothing else
+    requiring grad no snapshot is stored, and the rate gradient is the one computed alongside
+    the image gradient; a second backward (retain_graph) gives it again."""
+    from hpd_fast.distill import trajectory as tm
+
+    net, images, labels, start, target = make_problem()
+    kw = dict(syn_steps=5, batch_syn=4, seed=2, mode="first_order")
+    lr_both = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    x = images.clone().requires_grad_(True)
+    trajectory_matching_loss(net, x, labels, lr_both, start, target, **kw).backward()
+
+    stored = []
+    offload = tm._Sweep.offload
+    monkeypatch.setattr(tm._Sweep, "offload", lambda self, t: stored.append(1) or offload(self, t))
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    loss = trajectory_matching_loss(net, images, labels, lr, start, target, **kw)
+    loss.backward(retain_graph=True)
+    assert torch.equal(lr.grad, lr_both.grad)
+    loss.backward()
+    torch.testing.assert_close(lr.grad, 2 * lr_both.grad, rtol=1e-14, atol=0)
+    assert not stored
 
 
 # --------------------------------------------------------------------------------------------

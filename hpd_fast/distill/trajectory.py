@@ -177,17 +177,17 @@ class _Sweep:
 
 
 def _forward_sweep(
-    sweep: _Sweep, x_all: Tensor, y_all: Tensor, lr: Tensor, start: Tensor, need_grad: bool
+    sweep: _Sweep, x_all: Tensor, y_all: Tensor, lr: Tensor, start: Tensor, need_snapshots: bool
 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """Take the ``N`` steps without a graph from ``start`` (all detached).
 
     Returns:
         ``(theta_N, snapshots, g_sum)``: the snapshots of ``sweep.plan.chain`` when
-        ``need_grad`` (else none) and, in first-order mode, ``sum_t g_t`` (else None).
+        ``need_snapshots`` (else none) and, in first-order mode, ``sum_t g_t`` (else None).
     """
     theta = start
     snapshots: list[Tensor] = []
-    keep = set(sweep.plan.chain) if need_grad else set()
+    keep = set(sweep.plan.chain) if need_snapshots else set()
     g_sum = torch.zeros_like(theta) if sweep.first_order else None
     for t in range(len(sweep.schedule)):
         if t in keep:
@@ -215,9 +215,13 @@ class _TrajectoryMatch(torch.autograd.Function):
         target: Tensor,
         sweep: _Sweep,
     ) -> Tensor:
-        need_grad = any(ctx.needs_input_grad[:3])
+        need_x, need_y, need_lr = ctx.needs_input_grad[:3]
+        need_data = need_x or (need_y and labels.is_floating_point())
+        # The reverse sweep needs the snapshots for data gradients, and in exact mode for the
+        # rate's too (first-order mode has that one from the forward sweep's sum of g_t).
+        ctx.replay = need_data or (need_lr and not sweep.first_order)
         theta, snapshots, g_sum = _forward_sweep(
-            sweep, images.detach(), labels.detach(), syn_lr.detach(), start.detach(), need_grad
+            sweep, images.detach(), labels.detach(), syn_lr.detach(), start.detach(), ctx.replay
         )
         loss, seed = param_match_loss(theta, target.detach(), start.detach())
         ctx.sweep = sweep
@@ -228,17 +232,19 @@ class _TrajectoryMatch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        if not any(ctx.needs_input_grad[:3]):  # only start/target required grad: constants
+            return None, None, None, None, None, None
         images, labels, syn_lr, start, seed, g_sum = ctx.saved_tensors
         sweep: _Sweep = ctx.sweep
         x_all, y_all = images.detach(), labels.detach()
         # The reverse sweep releases each stored snapshot once its segment is done (the budget
         # counts on it), so ctx must not keep them. A second backward (retain_graph=True)
         # stores them again with one more forward sweep.
-        snapshots: list[Tensor] | None = ctx.snapshots
+        snapshots: list[Tensor] = ctx.snapshots
         ctx.snapshots = None
-        if snapshots is None:
+        if snapshots is None and ctx.replay:
             snapshots = _forward_sweep(
-                sweep, x_all, y_all, syn_lr.detach(), start.detach(), need_grad=True
+                sweep, x_all, y_all, syn_lr.detach(), start.detach(), need_snapshots=True
             )[1]
         need_x, need_y, need_lr = ctx.needs_input_grad[:3]
         need_y = need_y and labels.is_floating_point()
@@ -258,7 +264,7 @@ class _TrajectoryMatch(torch.autograd.Function):
             d_lr = d_lr - torch.dot(g_sum, lam)
             cot = -lr * lam  # the same cotangent for every step
             steps = _reverse_thetas(sweep, snapshots, syn_lr, x_all, y_all, device)
-            for t, theta in steps if (need_x or need_y) else ():
+            for t, theta in steps if ctx.replay else ():
                 theta = theta.requires_grad_(True)
                 with torch.enable_grad():
                     xb, yb, g = _replay_batch(sweep, t, theta, x_all, y_all, need_x, need_y)
