@@ -35,8 +35,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -117,15 +119,6 @@ def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y)
 
 
-def _step_loss(
-    student: nn.Module, theta: Tensor, x: Tensor, y: Tensor, aug_seed: int, augment: Augment | None
-) -> Tensor:
-    """CE of the student with flat parameters ``theta [P]`` on the batch ``x [B, C, H, W]``."""
-    if augment is not None:
-        x = augment(x, aug_seed)
-    return _cross_entropy(functional_forward(student, theta, x), y)
-
-
 @dataclass
 class _Sweep:
     """Everything the autograd.Function needs besides tensors."""
@@ -136,6 +129,7 @@ class _Sweep:
     snapshot_device: torch.device | None
     first_order: bool
     plan: SnapshotPlan
+    group: Any = None  # a torch.distributed process group sharing every step's batch, or None
 
     def step_grad(
         self, t: int, theta: Tensor, images: Tensor, labels: Tensor, create_graph: bool
@@ -153,10 +147,32 @@ class _Sweep:
         return xb, yb, self.grad_at(t, theta, xb, yb, create_graph)
 
     def grad_at(self, t: int, theta: Tensor, xb: Tensor, yb: Tensor, create_graph: bool) -> Tensor:
-        """``g_t [P]`` at ``theta`` on an already gathered batch ``xb [B, C, H, W]``, ``yb``."""
-        loss = _step_loss(self.student, theta, xb, yb, self.schedule.aug_seeds[t], self.augment)
-        (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        """``g_t [P]`` at ``theta`` on an already gathered batch ``xb [B, C, H, W]``, ``yb``.
+
+        With a process group, this rank's share: the whole batch is augmented (the same
+        transformation as on one device), the rank's contiguous slice of it goes through the
+        student, and its cross-entropy sum is divided by ``B``, so that the sum of the shares
+        over the ranks (:meth:`reduce`) is ``g_t``.
+        """
+        if self.augment is not None:
+            xb = self.augment(xb, self.schedule.aug_seeds[t])
+        scale = 1.0
+        if self.group is not None:
+            size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+            b = xb.shape[0]
+            lo, hi = rank * b // size, (rank + 1) * b // size
+            xb, yb, scale = xb[lo:hi], yb[lo:hi], (hi - lo) / b
+        loss = _cross_entropy(functional_forward(self.student, theta, xb), yb)
+        (g,) = torch.autograd.grad(
+            loss * scale if scale != 1.0 else loss, theta, create_graph=create_graph
+        )
         return g
+
+    def reduce(self, v: Tensor) -> Tensor:
+        """Sum of ``v`` over the process group (in place; ``v`` itself without one)."""
+        if self.group is not None:
+            dist.all_reduce(v, group=self.group)
+        return v
 
     def offload(self, theta: Tensor) -> Tensor:
         """Copy a snapshot ``[P]`` to ``snapshot_device`` (a private copy either way)."""
@@ -196,7 +212,7 @@ def _forward_sweep(
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
-        theta = sgd_step(theta, g, lr)
+        theta = sgd_step(theta, sweep.reduce(g), lr)
         if g_sum is not None:
             g_sum += g
     return theta, snapshots, g_sum
@@ -278,13 +294,21 @@ class _TrajectoryMatch(torch.autograd.Function):
                     xb, yb, g = _replay_batch(sweep, t, theta, x_all, y_all, need_x, need_y)
                     wrt = [theta] + [v for v, need in ((xb, need_x), (yb, need_y)) if need]
                     # One double backward gives -alpha H_t lambda and the data gradients.
-                    grads = torch.autograd.grad(
-                        torch.dot(g, -lr * lam), wrt, allow_unused=True, materialize_grads=True
+                    grads = list(
+                        torch.autograd.grad(
+                            torch.dot(g, -lr * lam), wrt, allow_unused=True, materialize_grads=True
+                        )
                     )
+                if sweep.group is not None:  # this rank's shares of h_theta and g_t: sum them
+                    grads[0] = sweep.reduce(grads[0])
+                    g = sweep.reduce(g.detach().clone())
                 lam, dot = adjoint_update(lam, grads[0], g.detach())
                 d_lr = d_lr - dot
                 _scatter(sweep, t, grads[1:], d_x, d_y, need_x, need_y)
 
+        for d in (d_x, d_y):  # each rank scattered the gradients of its slices only
+            if d is not None:
+                sweep.reduce(d)
         d_lr = d_lr.to(syn_lr.dtype) if need_lr else None
         return d_x, d_y, d_lr, None, None, None
 
@@ -309,7 +333,7 @@ def _reverse_thetas(
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             _, _, g = sweep.step_grad(t, leaf, x_all, y_all, create_graph=False)
-        return sgd_step(theta, g, lr)
+        return sgd_step(theta, sweep.reduce(g), lr)
 
     def load(snapshot: Tensor) -> Tensor:
         return snapshot.to(device, non_blocking=True).detach()
@@ -502,6 +526,54 @@ def _validate(
     return snap_dev
 
 
+def _check_group(
+    group: Any,
+    mode: str,
+    images: Tensor,
+    labels: Tensor,
+    syn_lr: Tensor,
+    start: Tensor,
+    target: Tensor,
+    batch: int,
+    seed: int,
+) -> int:
+    """Validate a process group; return the seed of the group's first rank (all ranks use it).
+
+    Every rank must pass the same problem: a fingerprint of the inputs is compared across the
+    group (one small all-reduce), so that a rank with other images or parameters is an error
+    rather than a silently wrong gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized")
+    if mode == "unrolled":
+        raise ValueError("group: mode='unrolled' runs on one device; use 'exact' or 'first_order'")
+    try:
+        size = dist.get_world_size(group)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"group is not a process group of this run: {exc}") from exc
+    if batch < size:
+        raise ValueError(
+            f"batch_syn: each of the group's {size} ranks needs at least one image of every "
+            f"step's batch, got batches of {batch}"
+        )
+    dev = images.device
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=dev)
+    dist.broadcast(seed_t, src=dist.get_global_rank(group, 0), group=group)
+    seed = int(seed_t.item())
+    with torch.no_grad():
+        parts = [images, labels, syn_lr, start, target]
+        sums = torch.stack([p.detach().to(torch.float64).sum() for p in parts])
+        finger = torch.cat([sums, sums.new_tensor([float(t.numel()) for t in parts])]).to(dev)
+        both = torch.cat([finger, -finger])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[: finger.numel()], -both[finger.numel() :]):
+        raise ValueError(
+            "group: the ranks passed different images, labels, syn_lr, start_params or "
+            "target_params; every rank must pass the same problem"
+        )
+    return seed
+
+
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
@@ -522,6 +594,7 @@ def trajectory_matching_loss(
     seed: int | None = None,
     snapshot_device: str | torch.device | None = None,
     max_snapshots: int | None = DEFAULT_MAX_SNAPSHOTS,
+    group: Any = None,
 ) -> Tensor:
     """Trajectory-matching loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
 
@@ -589,6 +662,14 @@ def trajectory_matching_loss(
             numbers either way on the CPU (on CUDA, up to the nondeterminism of its
             convolution kernels).
 
+        group: a ``torch.distributed`` process group whose ranks share every student step's
+            batch (data parallel; ``"exact"`` and ``"first_order"``): each rank runs the student
+            on its contiguous slice of the batch, and the step gradients, Hessian-vector
+            products and data gradients are summed over the group, so every rank gets the loss
+            and gradients of the single-device computation (up to the order of the sums).
+            Every rank must call with the same arguments (checked); ``seed=None`` takes the
+            first rank's seed. Activation memory per rank falls with the group's size.
+
     Returns:
         0-dim tensor, the loss (dtype of ``start_params``).
 
@@ -612,9 +693,12 @@ def trajectory_matching_loss(
     check_max_snapshots(max_snapshots)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
+    if group is not None:
+        seed = _check_group(group, mode, images, labels, syn_lr, start_params, target_params,
+                            batch_syn or images.shape[0], seed)  # fmt: skip
     schedule = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
     plan = SnapshotPlan.get(syn_steps, max_snapshots)
-    sweep = _Sweep(student, schedule, augment, snap_dev, mode == "first_order", plan)
+    sweep = _Sweep(student, schedule, augment, snap_dev, mode == "first_order", plan, group)
     if mode == "unrolled":
         return _unrolled(sweep, images, labels, syn_lr, start_params, target_params)
     return _TrajectoryMatch.apply(images, labels, syn_lr, start_params, target_params, sweep)

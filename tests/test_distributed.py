@@ -1,0 +1,166 @@
+"""Trajectory matching over a torch.distributed group: two CPU processes (gloo) share every
+student step's batch and must reproduce the single-process loss and gradients (float64)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hpd_fast.augment import DSA
+
+WORLD = 2
+
+# name -> (soft labels, mode, keyword arguments); M = 7 images.
+CASES = {
+    # batches of 5 split 2 + 3; DSA on the whole batch; snapshots rebuilt (budget 2 of 6)
+    "exact": (True, "exact", dict(batch_syn=5, syn_steps=6, seed=3, max_snapshots=2)),
+    "first_order": (True, "first_order", dict(batch_syn=5, syn_steps=6, seed=3)),
+    # hard labels, full batches (7 = 3 + 4), no augmentation, seed drawn on each rank
+    "hard_seed_none": (False, "exact", dict(syn_steps=4, seed=None, augment=None)),
+}
+
+
+def _problem_and_run(soft: bool, mode: str, kw: dict, group=None):
+    from test_trajectory import make_problem, run
+
+    problem = make_problem(soft=soft)
+    kw = {"augment": DSA(), **kw}
+    if group is not None:
+        kw["group"] = group
+    return problem, run(problem, mode, **kw)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    out = Path(out_dir)
+    try:
+        group = dist.group.WORLD
+        from test_trajectory import make_problem, run
+
+        for name, (soft, mode, kw) in CASES.items():
+            problem = make_problem(soft=soft)
+            drawn = None
+            if kw.get("seed", 1) is None:
+                torch.manual_seed(100 + rank)  # each rank would draw another seed: this one
+                state = torch.get_rng_state()
+                drawn = int(torch.randint(0, 2**62, ()))
+                torch.set_rng_state(state)
+            rows: list[int] = []
+            hook = problem[0].register_forward_pre_hook(
+                lambda m, a, rows=rows: rows.append(len(a[0]))
+            )
+            res = run(problem, mode, **{"augment": DSA(), **kw, "group": group})
+            hook.remove()
+            torch.save({"result": res, "rows": rows, "drawn": drawn}, out / f"{name}-{rank}.pt")
+
+        problem = make_problem()
+        errors = {}
+        other = list(problem)
+        if rank == 1:
+            other[1] = problem[1] + 1.0  # images differ on one rank
+        for key, prob, kw in (
+            ("different_images", tuple(other), {}),
+            ("batch_too_small", problem, {"batch_syn": 1}),
+            ("unrolled", problem, {"mode": "unrolled"}),
+        ):
+            kw = {"syn_steps": 2, "seed": 0, "group": group, **kw}
+            mode = kw.pop("mode", "exact")
+            try:
+                run(prob, mode, **kw)
+                errors[key] = None
+            except ValueError as exc:
+                errors[key] = str(exc)
+        torch.save(errors, out / f"errors-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, timeout: float = 240.0) -> None:
+    ctx = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish in {timeout:.0f} s (hang?)")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # children inherit the environment
+    _spawn(tmp)
+    return tmp
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", ["exact", "first_order"])
+def test_two_ranks_equal_one_process(ranks: Path, name: str):
+    """Loss, image, soft-label and rate gradients of the sharded run equal the single-process
+    ones (the sums only associate differently), on both ranks alike."""
+    soft, mode, kw = CASES[name]
+    _, ref = _problem_and_run(soft, mode, kw)
+    got = [torch.load(ranks / f"{name}-{r}.pt")["result"] for r in range(WORLD)]
+    for a, b in zip(got[0], got[1], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for g, r in zip(got[0], ref, strict=True):
+        if r is None:
+            assert g is None
+        else:
+            assert _rel(g, r) < 1e-12, name
+
+
+def test_each_rank_runs_its_slice_only(ranks: Path):
+    """Batches of 5 go through the student as 2 rows on rank 0 and 3 on rank 1 (the one-row
+    forward is the argument check's); full batches of 7 as 3 and 4."""
+    for name, sizes in (("exact", (2, 3)), ("first_order", (2, 3)), ("hard_seed_none", (3, 4))):
+        for r in range(WORLD):
+            rows = torch.load(ranks / f"{name}-{r}.pt")["rows"]
+            assert set(rows) == {1, sizes[r]}, (name, r, set(rows))
+
+
+def test_seed_none_takes_the_first_ranks_seed(ranks: Path):
+    """Each rank drew another seed; both ran with rank 0's, as one process does with it."""
+    saved = [torch.load(ranks / f"hard_seed_none-{r}.pt") for r in range(WORLD)]
+    assert saved[0]["drawn"] != saved[1]["drawn"]
+    soft, mode, kw = CASES["hard_seed_none"]
+    _, ref = _problem_and_run(soft, mode, {**kw, "seed": saved[0]["drawn"]})
+    for got in saved:
+        for g, r in zip(got["result"], ref, strict=True):
+            assert (g is None and r is None) or _rel(g, r) < 1e-12
+
+
+def test_bad_group_use_is_an_error_on_every_rank(ranks: Path):
+    for r in range(WORLD):
+        errors = torch.load(ranks / f"errors-{r}.pt")
+        assert "ranks passed different images" in errors["different_images"]
+        assert "batch_syn" in errors["batch_too_small"]
+        assert "unrolled" in errors["unrolled"]
+
+
+def test_group_without_initialized_distributed_is_an_error():
+    from test_trajectory import make_problem, run
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="group was given but torch.distributed"):
+        run(make_problem(), "exact", syn_steps=2, group=object())
