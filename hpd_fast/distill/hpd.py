@@ -48,7 +48,7 @@ from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, check_max_snapshots
-from hpd_fast.distill.trajectory import MODES, trajectory_matching_loss
+from hpd_fast.distill.trajectory import MODES, group_rank, trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
 from hpd_fast.render import render
@@ -186,6 +186,11 @@ class HPD:
         checkpoint_every: iterations between checkpoints within a stage (None: only at stage
             boundaries and at the end).
         seed: the seed of everything random.
+        group: a ``torch.distributed`` process group (``"mtt"`` only): every rank runs the
+            same H-PD loop, and each student step's batch of trajectory matching is split over
+            the ranks (see :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`), so
+            every rank holds the same latents at every iteration. Only the group's first rank
+            writes checkpoints and shows progress; all of them read a checkpoint to resume.
         callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
             "hpd"}`` (``w``, ``f``: the current latents, detached views; do not modify them); an
             exception raised there stops :meth:`fit` (the last checkpoint stays).
@@ -234,6 +239,7 @@ class HPD:
         chunk_size: int | None = 10,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int | None = None,
+        group: Any = None,
         seed: int = 0,
         callback: Callback | None = None,
     ) -> None:
@@ -324,6 +330,12 @@ class HPD:
             chunk_size = check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if group is not None and algorithm != "mtt":
+            raise ValueError(
+                f"group: only algorithm='mtt' runs over a process group, got {algorithm!r}"
+            )
+        self.group = group
+        self._writer = group is None or group_rank(group) == 0
         self.checkpoint_every = (
             None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every, 1)
         )
@@ -526,6 +538,7 @@ class HPD:
                 mode=self.mtt_mode,
                 seed=self._draw(gen, 2**62),
                 max_snapshots=self.max_snapshots,
+                group=self.group,
             )
         net_seed = self._draw(gen, 2**62)
         real_x, real_y = self._real_batch(gen)
@@ -630,7 +643,11 @@ class HPD:
         total = (self.last_stage) * self.iterations_per_stage
         done = (st.stage - 1) * self.iterations_per_stage + st.iteration
         bar = tqdm(
-            total=total, initial=min(done, total), desc="H-PD", unit="it", disable=not progress
+            total=total,
+            initial=min(done, total),
+            desc="H-PD",
+            unit="it",
+            disable=not (progress and self._writer),
         )
         t_loop = time.perf_counter()
         try:
@@ -813,7 +830,7 @@ class HPD:
 
     # ------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, st: _RunState) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self._writer:
             return
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)

@@ -526,6 +526,19 @@ def _validate(
     return snap_dev
 
 
+def group_rank(group: Any) -> int:
+    """This process's rank in ``group``; ``ValueError`` when it is not a usable group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized")
+    try:
+        rank = dist.get_rank(group)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"group is not a process group of this run: {exc}") from exc
+    if rank < 0:
+        raise ValueError("group: this process is not a member of the group")
+    return rank
+
+
 def _check_group(
     group: Any,
     mode: str,
@@ -543,14 +556,10 @@ def _check_group(
     group (one small all-reduce), so that a rank with other images or parameters is an error
     rather than a silently wrong gradient.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("group was given but torch.distributed is not initialized")
+    group_rank(group)
     if mode == "unrolled":
         raise ValueError("group: mode='unrolled' runs on one device; use 'exact' or 'first_order'")
-    try:
-        size = dist.get_world_size(group)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"group is not a process group of this run: {exc}") from exc
+    size = dist.get_world_size(group)
     if batch < size:
         raise ValueError(
             f"batch_syn: each of the group's {size} ranks needs at least one image of every "
