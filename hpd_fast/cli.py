@@ -944,13 +944,62 @@ def _accuracy_summary(ev: dict[str, Any]) -> tuple[dict, dict, dict]:
     return syn, real, gain
 
 
+def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the default process group (NCCL on CUDA, one
+    device per process by ``LOCAL_RANK``; gloo on the CPU). Returns ``(group or None, device)``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None, device
+    import datetime
+
+    import torch.distributed as dist
+
+    if args.algorithm != "mtt":
+        raise CLIError(
+            f"--algorithm {args.algorithm}: only mtt runs over several processes (torchrun); "
+            "start a single process for dm and dc"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Long timeout: the other ranks wait at a barrier while the first trains the experts.
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6)
+        )
+    return dist.group.WORLD, device
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
+    device = _setup_torch(args)
+    group, device = _join_process_group(args, device)
+    if group is None:
+        return _distill(args, device, None, 0)
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    if rank != 0:
+        args.quiet = True  # one voice: the first rank logs, writes and evaluates
+    try:
+        return _distill(args, device, group, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: int) -> int:
+    """The distill command on ``device``; with a process group, ``rank`` 0 trains the experts
+    (the others then load them), every rank runs H-PD, and rank 0 alone writes and evaluates."""
     from hpd_fast import experts as E
     from hpd_fast.distill.hpd import HPD
 
+    def barrier() -> None:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group)
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    device = _setup_torch(args)
     data = _load_dataset(args)
     out = Path(args.out or f"runs/{data.name}-ipc{args.ipc}-{args.algorithm}")
     if out.exists() and not out.is_dir():
@@ -971,7 +1020,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
                     f"the dataset is {data.name!r}"
                 )
         else:
-            experts = _train_or_load_experts(args, data, device, _expert_cache_path(args, data))
+            path = _expert_cache_path(args, data)
+            if rank == 0:
+                experts = _train_or_load_experts(args, data, device, path)
+            barrier()  # the others load what the first rank trained
+            if rank != 0:
+                experts = _train_or_load_experts(args, data, device, path)
         timings["experts"] = time.perf_counter() - t0
         accs = [a for a in experts.test_accuracy if a is not None]
         experts_info = {
@@ -986,8 +1040,9 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             _print_experts(experts)
 
     ckpt = out / "checkpoint"
-    if args.overwrite and ckpt.exists():
+    if args.overwrite and ckpt.exists() and rank == 0:
         shutil.rmtree(ckpt)
+    barrier()
     hpd = HPD(
         generator,
         data.to(device),
@@ -998,9 +1053,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         select=args.select,
         checkpoint_dir=ckpt,
         seed=args.seed,
+        group=group,
         **_hpd_kwargs(args),
     )
     how = f"{args.algorithm} ({args.mode})" if args.algorithm == "mtt" else args.algorithm
+    if group is not None:
+        how += f" over {torch.distributed.get_world_size(group)} processes"
     _log(
         args,
         f"H-PD {how}, IPC {args.ipc}, stages 1..{hpd.last_stage}, "
@@ -1014,6 +1072,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             raise CLIError(f"{exc}; or pass --overwrite to start afresh") from None
         raise
     timings["distill"] = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     t0 = time.perf_counter()
     result.save(out)
     _stage_plot(result, out / "stages.png")
@@ -1070,6 +1130,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         hpd_config=result.config,
         hpd_timings=result.timings,
         device=str(device),
+        processes=1 if group is None else torch.distributed.get_world_size(group),
         threads=torch.get_num_threads(),
         loadavg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         cpu_count=os.cpu_count(),

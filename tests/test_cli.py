@@ -295,3 +295,28 @@ def test_max_snapshots_reaches_hpd(text, value):
     assert kwargs["max_snapshots"] == value
     ns = build_parser().parse_args(["distill", "--algorithm", "mtt"])
     assert "max_snapshots" not in cli._hpd_kwargs(cli._resolve(cli._COMMANDS["distill"], ns))
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "hpd_fast", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300)
+
+
+def test_distill_under_torchrun(tmp_path, tiny_generator):
+    """Two CPU processes (gloo): the first trains the experts and writes the run once; both
+    run H-PD with every student batch split between them. dm/dc refuse to run that way."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["distill", "--generator", str(tiny_generator), "--out", str(out), "--cache-dir"]
+    args += [str(cache), "--iterations-per-stage", "1", "--no-eval", *TINY]
+    proc = _torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("distilled set:") == 1  # the first rank reports, the other not
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["experts"]["num_experts"] == 2
+    assert "over 2 processes" in proc.stderr
+    assert (out / "tensors.safetensors").is_file() and (out / "checkpoint").is_dir()
+
+    proc = _torchrun([*args[: -len(TINY)], "--algorithm", "dm", "--overwrite", *TINY], tmp_path)
+    assert proc.returncode != 0
+    assert "only mtt runs over several processes" in proc.stderr
