@@ -446,7 +446,11 @@ def _versions() -> dict[str, Any]:
 
 
 def _train_or_load_experts(
-    args: argparse.Namespace, data: hpd_fast.DistillData, device: torch.device, out: Path
+    args: argparse.Namespace,
+    data: hpd_fast.DistillData,
+    device: torch.device,
+    out: Path,
+    group: Any = None,
 ) -> Any:
     from hpd_fast import experts as E
 
@@ -467,6 +471,7 @@ def _train_or_load_experts(
         vmap=vmap,
         group_size=args.group_size,
         device=device,
+        group=group,
     )
 
 
@@ -574,13 +579,22 @@ def _expert_options(cmd: _Command, *, train_epochs_flag: str) -> None:
 
 def _cmd_experts(args: argparse.Namespace) -> int:
     device = _setup_torch(args)
-    data = _load_dataset(args)
-    out = Path(args.out) if args.out else _expert_cache_path(args, data)
-    t0 = time.perf_counter()
-    ex = _train_or_load_experts(args, data, device, out)
-    _print_experts(ex)
-    _log(args, f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    group, device = _join_process_group(args, device)
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    if rank != 0:
+        args.quiet = True
+    try:
+        data = _load_dataset(args)
+        out = Path(args.out) if args.out else _expert_cache_path(args, data)
+        t0 = time.perf_counter()
+        ex = _train_or_load_experts(args, data, device, out, group)
+        if rank == 0:
+            _print_experts(ex)
+        _log(args, f"done in {time.perf_counter() - t0:.1f} s")
+        return 0
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -947,6 +961,7 @@ def _accuracy_summary(ev: dict[str, Any]) -> tuple[dict, dict, dict]:
 def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.device]:
     """Under torchrun (``WORLD_SIZE`` > 1): join the default process group (NCCL on CUDA, one
     device per process by ``LOCAL_RANK``; gloo on the CPU). Returns ``(group or None, device)``.
+    ``distill`` runs its MTT loop over the group, ``experts`` shares the experts out.
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None, device
@@ -954,7 +969,7 @@ def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple
 
     import torch.distributed as dist
 
-    if args.algorithm != "mtt":
+    if getattr(args, "algorithm", "mtt") != "mtt":
         raise CLIError(
             f"--algorithm {args.algorithm}: only mtt runs over several processes (torchrun); "
             "start a single process for dm and dc"
@@ -963,7 +978,7 @@ def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # Long timeout: the other ranks wait at a barrier while the first trains the experts.
+        # Long timeout: ranks wait at a barrier for the slowest one's share of the experts.
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6)
         )
@@ -987,8 +1002,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: int) -> int:
-    """The distill command on ``device``; with a process group, ``rank`` 0 trains the experts
-    (the others then load them), every rank runs H-PD, and rank 0 alone writes and evaluates."""
+    """The distill command on ``device``; with a process group every rank trains its share of
+    the experts and runs H-PD, and ``rank`` 0 alone writes and evaluates."""
     from hpd_fast import experts as E
     from hpd_fast.distill.hpd import HPD
 
@@ -1020,12 +1035,10 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
                     f"the dataset is {data.name!r}"
                 )
         else:
-            path = _expert_cache_path(args, data)
-            if rank == 0:
-                experts = _train_or_load_experts(args, data, device, path)
-            barrier()  # the others load what the first rank trained
-            if rank != 0:
-                experts = _train_or_load_experts(args, data, device, path)
+            # Over a process group each rank trains its share of the experts.
+            experts = _train_or_load_experts(
+                args, data, device, _expert_cache_path(args, data), group
+            )
         timings["experts"] = time.perf_counter() - t0
         accs = [a for a in experts.test_accuracy if a is not None]
         experts_info = {

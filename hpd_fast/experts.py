@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
+from hpd_fast._distributed import group_rank
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -572,6 +573,7 @@ def train_experts(
     group_size: int = _DEFAULT_GROUP,
     device: torch.device | str | None = None,
     on_expert: Callable[[int, Path | None], None] | None = None,
+    group: Any = None,
 ) -> Experts:
     """Train ``num_experts`` networks on the real training split and keep their trajectories.
 
@@ -601,6 +603,11 @@ def train_experts(
         device: where to train (default: the dataset's device); results are stored on the CPU.
         on_expert: called as ``on_expert(index, path_or_None)`` after each expert is finished
             (and saved); an exception raised there stops the run, keeping the saved experts.
+        group: a ``torch.distributed`` process group whose ranks share the work: rank ``r`` of
+            ``W`` trains the missing experts ``k`` with ``k % W == r`` (with ``vmap``, the blocks
+            ``b`` with ``b % W == r``) into ``out``, which every rank must see (required); after
+            a barrier each rank loads the others' experts from there. Same experts as one
+            process, since expert ``k`` depends only on ``(seed, k)``.
 
     Returns:
         :class:`Experts` for indices 0 .. K - 1 (trajectories on the CPU, float32).
@@ -677,6 +684,11 @@ def train_experts(
         "num_params": sum(math.prod(s) for _, s in layout),
     }
 
+    rank, world = 0, 1
+    if group is not None:
+        rank, world = group_rank(group), torch.distributed.get_world_size(group)
+        if out is None:
+            raise ValueError("out: training experts over a process group needs a shared folder")
     trajs: dict[int, Tensor] = {}
     accs: dict[int, float | None] = {}
     out_dir = None if out is None else Path(out)
@@ -701,7 +713,11 @@ def train_experts(
                 )
             trajs[k], accs[k] = traj, acc
 
-    todo = [k for k in range(num_experts) if k not in trajs]
+    if use_vmap:
+        mine = {k for k in range(num_experts) if (k // group_size) % world == rank}
+    else:
+        mine = {k for k in range(num_experts) if k % world == rank}
+    todo = [k for k in range(num_experts) if k not in trajs and k in mine]
     x = dataset.train_images.to(dev)
     y = dataset.train_labels.to(dev)
     from tqdm.auto import tqdm
@@ -742,7 +758,7 @@ def train_experts(
             # recomputed identically and not rewritten).
             for start in range(0, num_experts, group_size):
                 block = list(range(start, min(start + group_size, num_experts)))
-                missing = [k for k in block if k not in trajs]
+                missing = [k for k in block if k not in trajs and k in mine]
                 if not missing:
                     continue
                 nets = [_init_net(model, dataset, kwargs, seed, k).to(dev) for k in block]
@@ -771,6 +787,11 @@ def train_experts(
                 )
                 finish(k, net, traj, losses)
 
+    if group is not None:
+        torch.distributed.barrier(group)  # every rank has written its share
+        for k in range(num_experts):
+            if k not in trajs:
+                _, trajs[k], accs[k] = _read_expert(expert_path(out_dir, k))
     order = list(range(num_experts))
     return Experts(
         [trajs[k] for k in order],

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpd_fast.augment import DSA
+from hpd_fast.experts import load, train_experts
 
 WORLD = 2
 
@@ -26,6 +27,15 @@ CASES = {
     "hard_seed_none": (False, "exact", dict(syn_steps=4, seed=None, augment=None)),
 }
 
+
+# Expert training shared out: 3 experts, one at a time (rank 0: 0 and 2, rank 1: 1) or in
+# vmap blocks of 2 (rank 0: block [0, 1], rank 1: block [2]).
+EXPERT_RUNS = {
+    "experts_seq": dict(model="ConvNet", num_experts=3, epochs=2, batch_size=8,
+                        model_kwargs={"width": 4}),
+    "experts_vmap": dict(model="ConvNet", num_experts=3, epochs=2, batch_size=8,
+                         model_kwargs={"width": 4}, vmap=True, group_size=2),
+}  # fmt: skip
 
 # A tiny H-PD run (3 classes, 1 image each: each step's batch of 3 split 1 + 2).
 HPD_KW = dict(syn_steps=5, iterations_per_stage=2)
@@ -74,6 +84,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         from test_hpd import TinyExperts, make, tiny_data
 
         data = tiny_data()
+        for key, kw in EXPERT_RUNS.items():
+            trained: list[int] = []
+            train_experts(data, **kw, out=out / key, group=group, progress=False,
+                          on_expert=lambda k, p, trained=trained: trained.append(k))  # fmt: skip
+            torch.save(trained, out / f"{key}-trained-{rank}.pt")
         result = make("mtt", data=data, experts=TinyExperts(data), group=group, **HPD_KW,
                       checkpoint_dir=out / f"ckpt-{rank}").fit(progress=False)  # fmt: skip
         torch.save({"images": result.images, "losses": result.losses}, out / f"hpd-{rank}.pt")
@@ -95,6 +110,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 errors[key] = None
             except ValueError as exc:
                 errors[key] = str(exc)
+        try:
+            train_experts(data, num_experts=1, epochs=1, group=group, progress=False)
+            errors["experts_no_out"] = None
+        except ValueError as exc:
+            errors["experts_no_out"] = str(exc)
         torch.save(errors, out / f"errors-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -166,6 +186,7 @@ def test_bad_group_use_is_an_error_on_every_rank(ranks: Path):
         assert "ranks passed different images" in errors["different_images"]
         assert "batch_syn" in errors["batch_too_small"]
         assert "unrolled" in errors["unrolled"]
+        assert "out: training experts over a process group" in errors["experts_no_out"]
 
 
 def test_group_without_initialized_distributed_is_an_error():
@@ -205,3 +226,33 @@ def test_hpd_group_needs_mtt():
 
     with pytest.raises(ValueError, match="group: only algorithm='mtt'"):
         make("dm", group=object())
+
+
+@pytest.mark.parametrize(("key", "shares"), [("experts_seq", ([0, 2], [1])),
+                                             ("experts_vmap", ([0, 1], [2]))])  # fmt: skip
+def test_experts_shared_out_over_two_ranks(ranks: Path, key: str, shares):
+    """Each rank trained its share only; the folder then holds the same experts as one process
+    trains (expert k depends on (seed, k) alone)."""
+    from test_hpd import tiny_data
+
+    for r in range(WORLD):
+        assert sorted(torch.load(ranks / f"{key}-trained-{r}.pt")) == shares[r]
+    got = load(ranks / key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks: the same kernels, the same numbers
+    try:
+        ref = train_experts(tiny_data(), **EXPERT_RUNS[key], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(got) == 3
+    for a, b in zip(got.trajectories, ref.trajectories, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_experts_group_needs_torch_distributed():
+    from test_hpd import tiny_data
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="group was given"):
+        train_experts(tiny_data(), num_experts=1, epochs=1, group=object(), progress=False)

@@ -42,13 +42,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
+from hpd_fast._distributed import group_rank
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, check_max_snapshots
-from hpd_fast.distill.trajectory import MODES, group_rank, trajectory_matching_loss
+from hpd_fast.distill.trajectory import MODES, trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
 from hpd_fast.render import render

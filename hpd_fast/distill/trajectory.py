@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hpd_fast._distributed import group_rank
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotPlan, check_max_snapshots
 from hpd_fast.ops.trajectory_ops import adjoint_update, param_match_loss, sgd_step
 from hpd_fast.params import check_replayable, functional_forward
@@ -524,19 +525,6 @@ def _validate(
         if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
             raise ValueError(f"labels must lie in [0, {num_classes}) (the student's classes)")
     return snap_dev
-
-
-def group_rank(group: Any) -> int:
-    """This process's rank in ``group``; ``ValueError`` when it is not a usable group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("group was given but torch.distributed is not initialized")
-    try:
-        rank = dist.get_rank(group)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"group is not a process group of this run: {exc}") from exc
-    if rank < 0:
-        raise ValueError("group: this process is not a member of the group")
-    return rank
 
 
 def _check_group(
