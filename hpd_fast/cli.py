@@ -578,23 +578,18 @@ def _expert_options(cmd: _Command, *, train_epochs_flag: str) -> None:
 
 
 def _cmd_experts(args: argparse.Namespace) -> int:
-    device = _setup_torch(args)
-    group, device = _join_process_group(args, device)
-    rank = 0 if group is None else torch.distributed.get_rank(group)
-    if rank != 0:
-        args.quiet = True
-    try:
-        data = _load_dataset(args)
-        out = Path(args.out) if args.out else _expert_cache_path(args, data)
-        t0 = time.perf_counter()
-        ex = _train_or_load_experts(args, data, device, out, group)
-        if rank == 0:
-            _print_experts(ex)
-        _log(args, f"done in {time.perf_counter() - t0:.1f} s")
-        return 0
-    finally:
-        if group is not None:
-            torch.distributed.destroy_process_group()
+    return _in_process_group(args, _experts)
+
+
+def _experts(args: argparse.Namespace, device: torch.device, group: Any, rank: int) -> int:
+    data = _load_dataset(args)
+    out = Path(args.out) if args.out else _expert_cache_path(args, data)
+    t0 = time.perf_counter()
+    ex = _train_or_load_experts(args, data, device, out, group)
+    if rank == 0:
+        _print_experts(ex)
+    _log(args, f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -961,7 +956,7 @@ def _accuracy_summary(ev: dict[str, Any]) -> tuple[dict, dict, dict]:
 def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.device]:
     """Under torchrun (``WORLD_SIZE`` > 1): join the default process group (NCCL on CUDA, one
     device per process by ``LOCAL_RANK``; gloo on the CPU). Returns ``(group or None, device)``.
-    ``distill`` runs its MTT loop over the group, ``experts`` shares the experts out.
+    ``distill`` runs its MTT loop over the group; experts and evaluation runs are shared out.
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None, device
@@ -985,25 +980,32 @@ def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple
     return dist.group.WORLD, device
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def _in_process_group(
+    args: argparse.Namespace, body: Callable[[argparse.Namespace, torch.device, Any, int], int]
+) -> int:
+    """``body(args, device, group, rank)``, in the process group when run under torchrun
+    (left at the end); ranks other than 0 are quiet."""
     device = _setup_torch(args)
     group, device = _join_process_group(args, device)
     if group is None:
-        return _distill(args, device, None, 0)
-    import torch.distributed as dist
-
-    rank = dist.get_rank(group)
+        return body(args, device, None, 0)
+    rank = torch.distributed.get_rank(group)
     if rank != 0:
-        args.quiet = True  # one voice: the first rank logs, writes and evaluates
+        args.quiet = True  # one voice: the first rank logs, prints and writes
     try:
-        return _distill(args, device, group, rank)
+        return body(args, device, group, rank)
     finally:
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    return _in_process_group(args, _distill)
 
 
 def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: int) -> int:
     """The distill command on ``device``; with a process group every rank trains its share of
-    the experts and runs H-PD, and ``rank`` 0 alone writes and evaluates."""
+    the experts, runs H-PD and trains its share of the evaluation networks, and ``rank`` 0
+    alone writes."""
     from hpd_fast import experts as E
     from hpd_fast.distill.hpd import HPD
 
@@ -1085,13 +1087,12 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
             raise CLIError(f"{exc}; or pass --overwrite to start afresh") from None
         raise
     timings["distill"] = time.perf_counter() - t0
-    if rank != 0:
-        return 0
     t0 = time.perf_counter()
-    result.save(out)
-    _stage_plot(result, out / "stages.png")
-    real_x, real_y = data.random_real(args.ipc, args.seed)
-    _overview(result, real_x, real_y, out / "overview.png", data.class_names)
+    if rank == 0:
+        result.save(out)
+        _stage_plot(result, out / "stages.png")
+        real_x, real_y = data.random_real(args.ipc, args.seed)
+        _overview(result, real_x, real_y, out / "overview.png", data.class_names)
 
     timings["outputs"] = time.perf_counter() - t0
     crfd = {str(k): v.get("score") for k, v in sorted(result.stage_best.items())}
@@ -1124,6 +1125,7 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
             baseline="random_real",
             progress=not args.quiet,
             device=device,
+            group=group,
         )
         timings["evaluate"] = time.perf_counter() - t0
         syn, real, gain = _accuracy_summary(ev)
@@ -1134,6 +1136,8 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
             evaluation={k: v for k, v in ev["config"].items() if k != "seconds"},
         )
     timings["total"] = time.perf_counter() - t_start
+    if rank != 0:
+        return 0
     peak, source = _peak_memory_mib()
     metrics.update(
         time_s=timings,
@@ -1187,9 +1191,12 @@ def vars_for_json(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    return _in_process_group(args, _evaluate)
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device, group: Any, rank: int) -> int:
     from hpd_fast.distill.result import DistillResult
 
-    device = _setup_torch(args)
     run = Path(args.run_dir)
     if not run.is_dir():
         raise CLIError(
@@ -1231,7 +1238,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         baseline=None if args.baseline == "none" else args.baseline,
         progress=not args.quiet,
         device=device,
+        group=group,
     )
+    if rank != 0:
+        return 0
     out = Path(args.out) if args.out else run / "evaluation.json"
     payload = {"run": str(run), "set": what, **ev, "versions": _versions()}
     out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpd_fast._checks import check_int
+from hpd_fast._distributed import group_rank
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -235,6 +236,7 @@ def evaluate(
     test_batch_size: int = 1024,
     model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     num_threads: int | None = None,
+    group: Any = None,
 ) -> dict[str, Any]:
     """Train fresh networks on a synthetic set and report their accuracy on the real test set.
 
@@ -266,6 +268,10 @@ def evaluate(
         model_kwargs: per-architecture constructor arguments, e.g. ``{"ConvNet": {"width": 64}}``.
         num_threads: if given, ``torch.set_num_threads`` for the duration of the call (restored
             afterwards). Tiny sets on small or busy CPUs often run fastest with 1.
+        group: a ``torch.distributed`` process group whose ranks share the training runs (run
+            ``j`` of the list of (model, set, r) goes to rank ``j % W``); every rank returns
+            all the accuracies, the same as one process computes (each run depends on its
+            seeds alone). Every rank must call with the same arguments.
 
     Returns:
         ``{name: {"mean": float, "std": float, "accs": [float] * num_eval}`` for every model
@@ -323,44 +329,56 @@ def evaluate(
     try:
         from tqdm.auto import tqdm
 
+        rank, world = 0, 1
+        if group is not None:
+            rank, world = group_rank(group), torch.distributed.get_world_size(group)
+        jobs = [(name, key, r) for name in models for key in sets for r in range(num_eval)]
+        mine = [j for j in range(len(jobs)) if j % world == rank]
         bar = tqdm(
-            total=len(sets) * len(models) * num_eval * epochs,
+            total=len(mine) * epochs,
             desc="evaluate",
             unit="epoch",
             disable=not progress,
         )
-        results: dict[str, dict[str, Any]] = {key: {} for key in sets}
+        accs_all = torch.zeros(len(jobs), dtype=torch.float64)
         with bar:
-            for name in models:
+            for j in mine:
+                name, key, r = jobs[j]
+                x, y = sets[key]
                 kw = dict(model_kwargs.get(name, {}))
-                for key, (x, y) in sets.items():
-                    accs = []
-                    for r in range(num_eval):
-                        # Initialise on the CPU from a forked RNG: same weights on any device,
-                        # and the caller's global RNG state is untouched.
-                        with torch.random.fork_rng(devices=[]):
-                            torch.manual_seed(_derive_seed(seed, name, r, "init"))
-                            net = get_model(name, dataset.channels, k, dataset.im_size, **kw)
-                        net = net.to(dev)
-                        acc = train_and_test(
-                            net,
-                            x,
-                            y,
-                            dataset,
-                            epochs=epochs,
-                            lr=lr,
-                            batch_size=batch_size,
-                            augment=aug,
-                            seed=_derive_seed(seed, name, r, "train"),
-                            momentum=momentum,
-                            weight_decay=weight_decay,
-                            warmup=warmup,
-                            test_batch_size=test_batch_size,
-                            on_epoch=lambda: bar.update(1),
-                        )
-                        accs.append(acc)
-                        bar.set_postfix_str(f"{name} {key} run {r + 1}/{num_eval}: {acc:.1f}%")
-                    results[key][name] = _summary(accs)
+                # Initialise on the CPU from a forked RNG: same weights on any device,
+                # and the caller's global RNG state is untouched.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_derive_seed(seed, name, r, "init"))
+                    net = get_model(name, dataset.channels, k, dataset.im_size, **kw)
+                net = net.to(dev)
+                acc = train_and_test(
+                    net,
+                    x,
+                    y,
+                    dataset,
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=batch_size,
+                    augment=aug,
+                    seed=_derive_seed(seed, name, r, "train"),
+                    momentum=momentum,
+                    weight_decay=weight_decay,
+                    warmup=warmup,
+                    test_batch_size=test_batch_size,
+                    on_epoch=lambda: bar.update(1),
+                )
+                accs_all[j] = acc
+                bar.set_postfix_str(f"{name} {key} run {r + 1}/{num_eval}: {acc:.1f}%")
+        if group is not None:  # each run was done by exactly one rank: the sum gathers them
+            both = accs_all.to(dev if dev.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(both, group=group)
+            accs_all = both.cpu()
+        results: dict[str, dict[str, Any]] = {key: {} for key in sets}
+        for name in models:
+            for key in sets:
+                idx = [j for j, job in enumerate(jobs) if job[:2] == (name, key)]
+                results[key][name] = _summary([float(accs_all[j]) for j in idx])
     finally:
         if num_threads is not None:
             torch.set_num_threads(prev_threads)

@@ -304,18 +304,28 @@ def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Complete
 
 
 def test_distill_under_torchrun(tmp_path, tiny_generator):
-    """Two CPU processes (gloo): the first trains the experts and writes the run once; both
-    run H-PD with every student batch split between them. dm/dc refuse to run that way."""
+    """Two CPU processes (gloo): each trains one of the two experts and half of the evaluation
+    networks, both run H-PD with every student batch split between them, the first writes the
+    run once. `evaluate` shares its runs the same way. dm/dc refuse to run that way."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     args = ["distill", "--generator", str(tiny_generator), "--out", str(out), "--cache-dir"]
-    args += [str(cache), "--iterations-per-stage", "1", "--no-eval", *TINY]
+    args += [str(cache), "--iterations-per-stage", "1", "--num-eval", "2", "--eval-epochs", "2"]
+    args += TINY
     proc = _torchrun(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("distilled set:") == 1  # the first rank reports, the other not
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2 and m["experts"]["num_experts"] == 2
+    assert len(m["accuracy"]["ConvNet"]["accs"]) == 2
+    assert len(m["random_real"]["ConvNet"]["accs"]) == 2
     assert "over 2 processes" in proc.stderr
     assert (out / "tensors.safetensors").is_file() and (out / "checkpoint").is_dir()
+
+    ev = ["evaluate", str(out), "--num-eval", "2", "--epochs", "2", "--out", str(tmp_path / "e")]
+    proc = _torchrun([*ev, "--threads", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ConvNet:") == 1
+    assert len(json.loads((tmp_path / "e").read_text())["ConvNet"]["accs"]) == 2
 
     proc = _torchrun([*args[: -len(TINY)], "--algorithm", "dm", "--overwrite", *TINY], tmp_path)
     assert proc.returncode != 0

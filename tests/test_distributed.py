@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hpd_fast import evaluate
 from hpd_fast.augment import DSA
 from hpd_fast.experts import load, train_experts
 
@@ -36,6 +37,16 @@ EXPERT_RUNS = {
     "experts_vmap": dict(model="ConvNet", num_experts=3, epochs=2, batch_size=8,
                          model_kwargs={"width": 4}, vmap=True, group_size=2),
 }  # fmt: skip
+
+# Evaluation shared out: 2 models x 2 sets x 2 runs = 8 training runs, 4 per rank.
+EVAL_KW = dict(models=("ConvNet", "ConvNetD1"), num_eval=2, epochs=2, baseline="random_real",
+               model_kwargs={"ConvNet": {"width": 4}, "ConvNetD1": {"width": 4}},
+               num_threads=1)  # fmt: skip
+
+
+def EVAL_SET(data):  # noqa: N802  (a constant's recipe)
+    return data.random_real(2, 7)
+
 
 # A tiny H-PD run (3 classes, 1 image each: each step's batch of 3 split 1 + 2).
 HPD_KW = dict(syn_steps=5, iterations_per_stage=2)
@@ -89,6 +100,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             train_experts(data, **kw, out=out / key, group=group, progress=False,
                           on_expert=lambda k, p, trained=trained: trained.append(k))  # fmt: skip
             torch.save(trained, out / f"{key}-trained-{rank}.pt")
+        import hpd_fast.evaluation as evaluation
+
+        runs: list[int] = []
+        train_and_test = evaluation.train_and_test
+
+        def counted(*a, **kw):
+            runs.append(1)
+            return train_and_test(*a, **kw)
+
+        evaluation.train_and_test = counted
+        ev = evaluate(*EVAL_SET(data), data, **EVAL_KW, group=group)
+        evaluation.train_and_test = train_and_test
+        torch.save({"ev": ev, "runs": len(runs)}, out / f"eval-{rank}.pt")
         result = make("mtt", data=data, experts=TinyExperts(data), group=group, **HPD_KW,
                       checkpoint_dir=out / f"ckpt-{rank}").fit(progress=False)  # fmt: skip
         torch.save({"images": result.images, "losses": result.losses}, out / f"hpd-{rank}.pt")
@@ -256,3 +280,19 @@ def test_experts_group_needs_torch_distributed():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(ValueError, match="group was given"):
         train_experts(tiny_data(), num_experts=1, epochs=1, group=object(), progress=False)
+
+
+def test_evaluation_shared_out_over_two_ranks(ranks: Path):
+    """Each rank trained half of the 8 evaluation networks; both return every accuracy, equal
+    to one process's (each run depends on its seeds alone)."""
+    from test_hpd import tiny_data
+
+    data = tiny_data()
+    ref = evaluate(*EVAL_SET(data), data, **EVAL_KW)
+    for r in range(WORLD):
+        saved = torch.load(ranks / f"eval-{r}.pt")
+        assert saved["runs"] == 4
+        got = saved["ev"]
+        for name in EVAL_KW["models"]:
+            assert got[name]["accs"] == ref[name]["accs"]
+            assert got["random_real"][name]["accs"] == ref["random_real"][name]["accs"]
