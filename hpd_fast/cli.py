@@ -956,7 +956,7 @@ def _accuracy_summary(ev: dict[str, Any]) -> tuple[dict, dict, dict]:
 def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.device]:
     """Under torchrun (``WORLD_SIZE`` > 1): join the default process group (NCCL on CUDA, one
     device per process by ``LOCAL_RANK``; gloo on the CPU). Returns ``(group or None, device)``.
-    ``distill`` runs its MTT loop over the group; experts and evaluation runs are shared out.
+    ``distill`` runs its H-PD loop over the group; experts and evaluation runs are shared out.
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return None, device
@@ -964,11 +964,6 @@ def _join_process_group(args: argparse.Namespace, device: torch.device) -> tuple
 
     import torch.distributed as dist
 
-    if getattr(args, "algorithm", "mtt") != "mtt":
-        raise CLIError(
-            f"--algorithm {args.algorithm}: only mtt runs over several processes (torchrun); "
-            "start a single process for dm and dc"
-        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
         torch.cuda.set_device(device)

@@ -38,6 +38,9 @@ EXPERT_RUNS = {
                          model_kwargs={"width": 4}, vmap=True, group_size=2),
 }  # fmt: skip
 
+# DM / DC: the 3 classes split 2 + 1 (rank 0: classes 0 and 2, rank 1: class 1).
+HPD_KW_DM = dict(iterations_per_stage=2)
+
 # Evaluation shared out: 2 models x 2 sets x 2 runs = 8 training runs, 4 per rank.
 EVAL_KW = dict(models=("ConvNet", "ConvNetD1"), num_eval=2, epochs=2, baseline="random_real",
                model_kwargs={"ConvNet": {"width": 4}, "ConvNetD1": {"width": 4}},
@@ -116,6 +119,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         result = make("mtt", data=data, experts=TinyExperts(data), group=group, **HPD_KW,
                       checkpoint_dir=out / f"ckpt-{rank}").fit(progress=False)  # fmt: skip
         torch.save({"images": result.images, "losses": result.losses}, out / f"hpd-{rank}.pt")
+        for algorithm in ("dm", "dc"):
+            result = make(algorithm, data=data, group=group, **HPD_KW_DM).fit(progress=False)
+            torch.save(
+                {"images": result.images, "losses": result.losses},
+                out / f"hpd-{algorithm}-{rank}.pt",
+            )
 
         problem = make_problem()
         errors = {}
@@ -245,11 +254,20 @@ def test_hpd_over_two_ranks(ranks: Path):
     assert not (ranks / "ckpt-1").exists() or not any((ranks / "ckpt-1").iterdir())
 
 
-def test_hpd_group_needs_mtt():
+@pytest.mark.parametrize("algorithm", ["dm", "dc"])
+def test_hpd_dm_dc_over_two_ranks(ranks: Path, algorithm: str):
+    """DM / DC with the classes split over the ranks: the same images and losses on both
+    ranks, and the single-process losses up to float32 rounding (the first to 1e-6)."""
     from test_hpd import make
 
-    with pytest.raises(ValueError, match="group: only algorithm='mtt'"):
-        make("dm", group=object())
+    ref = make(algorithm, **HPD_KW_DM).fit(progress=False)
+    got = [torch.load(ranks / f"hpd-{algorithm}-{r}.pt") for r in range(WORLD)]
+    assert torch.equal(got[0]["images"], got[1]["images"])
+    assert got[0]["losses"] == got[1]["losses"]
+    assert got[0]["losses"][0]["loss"] == pytest.approx(ref.losses[0]["loss"], rel=1e-6)
+    for a, b in zip(got[0]["losses"], ref.losses, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert _rel(got[0]["images"], ref.images) < 1e-2
 
 
 @pytest.mark.parametrize(("key", "shares"), [("experts_seq", ([0, 2], [1])),

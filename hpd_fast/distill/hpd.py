@@ -77,6 +77,21 @@ _MAX_AUG_SEED = 2**31 - 1
 _F_CLAMP = 10.0
 
 
+class _SumGrad(torch.autograd.Function):
+    """Identity whose backward sums the incoming gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class NonFiniteLossError(FloatingPointError):
     """The distillation loss (or its gradient) became NaN/inf; the message names stage and step."""
 
@@ -187,11 +202,12 @@ class HPD:
         checkpoint_every: iterations between checkpoints within a stage (None: only at stage
             boundaries and at the end).
         seed: the seed of everything random.
-        group: a ``torch.distributed`` process group (``"mtt"`` only): every rank runs the
-            same H-PD loop, and each student step's batch of trajectory matching is split over
-            the ranks (see :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`), so
-            every rank holds the same latents at every iteration. Only the group's first rank
-            writes checkpoints and shows progress; all of them read a checkpoint to resume.
+        group: a ``torch.distributed`` process group: every rank runs the same H-PD loop
+            and holds the same latents at every iteration. MTT splits each student step's batch
+            over the ranks (see :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`);
+            DM and DC split the classes (rank ``r`` of ``W`` takes the classes ``c`` with
+            ``c % W == r``) and sum the image gradients. Only the group's first rank writes
+            checkpoints and shows progress; all of them read a checkpoint to resume.
         callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
             "hpd"}`` (``w``, ``f``: the current latents, detached views; do not modify them); an
             exception raised there stops :meth:`fit` (the last checkpoint stays).
@@ -331,12 +347,15 @@ class HPD:
             chunk_size = check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        if group is not None and algorithm != "mtt":
-            raise ValueError(
-                f"group: only algorithm='mtt' runs over a process group, got {algorithm!r}"
-            )
         self.group = group
         self._writer = group is None or group_rank(group) == 0
+        if group is not None and algorithm != "mtt":
+            world = torch.distributed.get_world_size(group)
+            if self.num_classes < world:
+                raise ValueError(
+                    f"group: {algorithm} splits the {self.num_classes} classes over the "
+                    f"{world} ranks; it needs at least one class per rank"
+                )
         self.checkpoint_every = (
             None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every, 1)
         )
@@ -545,15 +564,18 @@ class HPD:
         real_x, real_y = self._real_batch(gen)
         seeds = [self._draw(gen, _MAX_AUG_SEED) for _ in range(k)]
         aug = self._aug_siamese if self.augment is not None else None
+        labels = self.labels
+        if self.group is not None:  # this rank's classes (the others contribute 0 here)
+            world = torch.distributed.get_world_size(self.group)
+            mine = (labels % world == group_rank(self.group)).nonzero().squeeze(1)
+            images, labels = images.index_select(0, mine), labels.index_select(0, mine)
         net = random_network(self.model, c, k, (h, w), net_seed, self.device, **self.model_kwargs)
         if self.algorithm == "dm":
             if not hasattr(net, "embed"):
                 raise ValueError(f"model {self.model!r} has no embed(); DM needs one")
-            return dm_loss(
-                net.embed, real_x, real_y, images, self.labels, k, augment=aug, seeds=seeds
-            )
+            return dm_loss(net.embed, real_x, real_y, images, labels, k, augment=aug, seeds=seeds)
         net.requires_grad_(True)
-        return dc_loss(net, real_x, real_y, images, self.labels, k, augment=aug, seeds=seeds)
+        return dc_loss(net, real_x, real_y, images, labels, k, augment=aug, seeds=seeds)
 
     def _expert_pair(self, e: int, s: int) -> tuple[Tensor, Tensor]:
         ex = self.experts
@@ -725,8 +747,16 @@ class HPD:
             st.opt_lr.zero_grad(set_to_none=True)
         images = render(self.generator, st.w, st.f, stage, chunk_size=self.chunk_size)
         syn_lr = st.syn_lr if self.algorithm == "mtt" else None
+        shared = self.group is not None and self.algorithm != "mtt"
+        if shared:  # this rank's classes only; the image gradients are summed on the way back
+            images = _SumGrad.apply(images, self.group)
         loss = self._loss(images, stage, it, syn_lr)
-        value = float(loss.detach())
+        if shared:
+            total = loss.detach().clone()
+            torch.distributed.all_reduce(total, group=self.group)
+            value = float(total)
+        else:
+            value = float(loss.detach())
         where = f"at stage {stage}, iteration {it + 1}"
         keep = (
             f"; the last good checkpoint in {str(self.checkpoint_dir)!r} is kept"
