@@ -1367,7 +1367,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fast, exact, memory-lean GAN-prior dataset distillation (H-PD). "
-        f"Run `{PROG} distill` for the main job, `{PROG} <command> --help` for the options.",
+        f"Run `{PROG} distill` for the main job, `{PROG} <command> --help` for the options. "
+        "Under torchrun (`torchrun --nproc-per-node=N -m hpd_fast distill ...`) experts, "
+        "distill and evaluate share their work over the N processes.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {hpd_fast.__version__}")
     parser.add_argument(
