@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["group_rank"]
+__all__ = ["group_rank", "rank_and_size"]
 
 
 def group_rank(group: Any) -> int:
@@ -20,3 +20,10 @@ def group_rank(group: Any) -> int:
     if rank < 0:
         raise ValueError("group: this process is not a member of the group")
     return rank
+
+
+def rank_and_size(group: Any) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` without one (``ValueError`` as above)."""
+    if group is None:
+        return 0, 1
+    return group_rank(group), dist.get_world_size(group)

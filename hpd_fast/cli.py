@@ -1004,12 +1004,6 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
     from hpd_fast import experts as E
     from hpd_fast.distill.hpd import HPD
 
-    def barrier() -> None:
-        if group is not None:
-            import torch.distributed as dist
-
-            dist.barrier(group)
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = _load_dataset(args)
@@ -1052,7 +1046,8 @@ def _distill(args: argparse.Namespace, device: torch.device, group: Any, rank: i
     ckpt = out / "checkpoint"
     if args.overwrite and ckpt.exists() and rank == 0:
         shutil.rmtree(ckpt)
-    barrier()
+    if group is not None:  # the others read the checkpoint folder only after it is gone
+        torch.distributed.barrier(group)
     hpd = HPD(
         generator,
         data.to(device),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpd_fast._checks import check_int
-from hpd_fast._distributed import group_rank
+from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -329,9 +329,7 @@ def evaluate(
     try:
         from tqdm.auto import tqdm
 
-        rank, world = 0, 1
-        if group is not None:
-            rank, world = group_rank(group), torch.distributed.get_world_size(group)
+        rank, world = rank_and_size(group)
         jobs = [(name, key, r) for name in models for key in sets for r in range(num_eval)]
         mine = [j for j in range(len(jobs)) if j % world == rank]
         bar = tqdm(

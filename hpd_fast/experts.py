@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
-from hpd_fast._distributed import group_rank
+from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -684,11 +684,9 @@ def train_experts(
         "num_params": sum(math.prod(s) for _, s in layout),
     }
 
-    rank, world = 0, 1
-    if group is not None:
-        rank, world = group_rank(group), torch.distributed.get_world_size(group)
-        if out is None:
-            raise ValueError("out: training experts over a process group needs a shared folder")
+    rank, world = rank_and_size(group)
+    if group is not None and out is None:
+        raise ValueError("out: training experts over a process group needs a shared folder")
     trajs: dict[int, Tensor] = {}
     accs: dict[int, float | None] = {}
     out_dir = None if out is None else Path(out)

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
-from hpd_fast._distributed import group_rank
+from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
@@ -348,14 +348,14 @@ class HPD:
         self.chunk_size = chunk_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.group = group
-        self._writer = group is None or group_rank(group) == 0
-        if group is not None and algorithm != "mtt":
-            world = torch.distributed.get_world_size(group)
-            if self.num_classes < world:
-                raise ValueError(
-                    f"group: {algorithm} splits the {self.num_classes} classes over the "
-                    f"{world} ranks; it needs at least one class per rank"
-                )
+        rank, world = rank_and_size(group)
+        self._writer = rank == 0
+        self._rank, self._world = rank, world
+        if group is not None and algorithm != "mtt" and self.num_classes < world:
+            raise ValueError(
+                f"group: {algorithm} splits the {self.num_classes} classes over the "
+                f"{world} ranks; it needs at least one class per rank"
+            )
         self.checkpoint_every = (
             None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every, 1)
         )
@@ -390,6 +390,8 @@ class HPD:
             self._setup_experts(max_start_epoch, lr_teacher)
 
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
+        # DM / DC over a group: the images of this rank's classes (c % W == rank).
+        self._my_images = (self.labels % self._world == self._rank).nonzero().squeeze(1)
         self.config = self._make_config()
 
     # ------------------------------------------------------------------------------ set-up
@@ -566,9 +568,8 @@ class HPD:
         aug = self._aug_siamese if self.augment is not None else None
         labels = self.labels
         if self.group is not None:  # this rank's classes (the others contribute 0 here)
-            world = torch.distributed.get_world_size(self.group)
-            mine = (labels % world == group_rank(self.group)).nonzero().squeeze(1)
-            images, labels = images.index_select(0, mine), labels.index_select(0, mine)
+            images = images.index_select(0, self._my_images)
+            labels = labels.index_select(0, self._my_images)
         net = random_network(self.model, c, k, (h, w), net_seed, self.device, **self.model_kwargs)
         if self.algorithm == "dm":
             if not hasattr(net, "embed"):

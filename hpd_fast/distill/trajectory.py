@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hpd_fast._distributed import group_rank
+from hpd_fast._distributed import rank_and_size
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotPlan, check_max_snapshots
 from hpd_fast.ops.trajectory_ops import adjoint_update, param_match_loss, sgd_step
 from hpd_fast.params import check_replayable, functional_forward
@@ -544,10 +544,9 @@ def _check_group(
     group (one small all-reduce), so that a rank with other images or parameters is an error
     rather than a silently wrong gradient.
     """
-    group_rank(group)
+    _, size = rank_and_size(group)
     if mode == "unrolled":
         raise ValueError("group: mode='unrolled' runs on one device; use 'exact' or 'first_order'")
-    size = dist.get_world_size(group)
     if batch < size:
         raise ValueError(
             f"batch_syn: each of the group's {size} ranks needs at least one image of every "
