@@ -416,12 +416,13 @@ class ClassMeanAccumulator:
             raise ValueError(
                 f"features has {len(feats)} layers but earlier updates had {len(self._sums)}"
             )
-        for i, (f, total) in enumerate(zip(feats, self._sums)):
+        for i, (f, total) in enumerate(zip(feats, self._sums)):  # validate every layer first
             if f.shape[1] != total.shape[1] or f.device != total.device:
                 raise ValueError(
                     f"features[{i}] has {f.shape[1]} values per row on {f.device}; earlier "
                     f"updates had {total.shape[1]} on {total.device}"
                 )
+        for f, total in zip(feats, self._sums):  # then change state (all or nothing)
             total.index_add_(0, labels, f.to(torch.float64))
         self.counts.index_add_(0, labels, torch.ones(n, dtype=torch.float64, device=device))
 
