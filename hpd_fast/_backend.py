@@ -105,6 +105,36 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def check_device(op: str, backend: str, device_type: str) -> None:
+    """Raise ``ValueError`` when ``backend`` cannot run on tensors of ``device_type`` on this
+    machine (whether the backend is installed is :func:`backend_info`'s business)."""
+    if backend == "cpp" and device_type != "cpu":
+        raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {device_type} tensors")
+    if backend == "cuda" and device_type != "cuda":
+        raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device_type} tensors")
+    if backend == "triton" and device_type not in ("cuda", "cpu"):
+        raise ValueError(f"{op}: backend='triton' runs on CUDA (or interpreted CPU) tensors")
+    if backend == "triton" and device_type == "cpu" and torch.cuda.is_available():
+        raise ValueError(f"{op}: backend='triton' needs CUDA tensors on a machine with a GPU")
+
+
+def runnable_pairs() -> list[tuple[str, str]]:
+    """Every (device type, backend) pair a forced ``backend=`` accepts on this machine: the
+    combinations tests and benchmarks parametrise over. Triton runs on CPU tensors (through
+    the interpreter) only where no GPU is visible; ``reference`` runs everywhere."""
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    out = []
+    for device in devices:
+        for backend in BACKENDS:
+            try:
+                check_device("", backend, device)
+            except ValueError:
+                continue
+            if _status(backend)[0]:
+                out.append((device, backend))
+    return out
+
+
 def select_backend(op: str, device: torch.device, backend: str | None) -> str:
     """The backend that runs ``op`` on ``device``.
 
@@ -115,14 +145,7 @@ def select_backend(op: str, device: torch.device, backend: str | None) -> str:
     if backend is not None:
         if backend not in _PROBES:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        if backend == "cpp" and device.type != "cpu":
-            raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {device.type} tensors")
-        if backend == "cuda" and device.type != "cuda":
-            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type} tensors")
-        if backend == "triton" and device.type not in ("cuda", "cpu"):
-            raise ValueError(f"{op}: backend='triton' runs on CUDA (or interpreted CPU) tensors")
-        if backend == "triton" and device.type == "cpu" and torch.cuda.is_available():
-            raise ValueError(f"{op}: backend='triton' needs CUDA tensors on a machine with a GPU")
+        check_device(op, backend, device.type)
         ok, why = _status(backend)
         if not ok:
             raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")

@@ -8,27 +8,20 @@ import pytest
 import torch
 
 import hpd_fast
-from hpd_fast import ClassMeanAccumulator, class_mean_distance, class_mean_distance_ref, class_means
+from hpd_fast import (
+    ClassMeanAccumulator,
+    _backend,
+    class_mean_distance,
+    class_mean_distance_ref,
+    class_means,
+)
 
 INFO = hpd_fast.backend_info()
 
 
-def backends_for(device: str) -> list[str]:
-    names = ["reference"]
-    if device == "cpu" and INFO["cpp"]["available"]:
-        names.append("cpp")
-    if device == "cuda" and INFO["cuda"]["available"]:
-        names.append("cuda")
-    if INFO["triton"]["available"]:
-        names.append("triton")
-    return names
-
-
-CASES = [
-    (d, b)
-    for d in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    for b in backends_for(d)
-]
+# Only pairs the dispatcher accepts here: no (cpu, triton) on a machine with a GPU
+# (tests/test_backend_cases.py collects the suite as a GPU machine would).
+CASES = _backend.runnable_pairs()
 KERNEL_CASES = [c for c in CASES if c[1] != "reference"]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hpd_fast
+from hpd_fast import _backend
 from hpd_fast.ops.instance_norm_relu_pool import (
     instance_norm_relu_pool,
     instance_norm_relu_pool_ref,
@@ -18,22 +19,9 @@ INFO = hpd_fast.backend_info()
 MOD = importlib.import_module("hpd_fast.ops.instance_norm_relu_pool")
 
 
-def backends_for(device: str) -> list[str]:
-    names = ["reference"]
-    if device == "cpu" and INFO["cpp"]["available"]:
-        names.append("cpp")
-    if device == "cuda" and INFO["cuda"]["available"]:
-        names.append("cuda")
-    if INFO["triton"]["available"]:
-        names.append("triton")
-    return names
-
-
-CASES = [
-    (d, b)
-    for d in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    for b in backends_for(d)
-]
+# Only pairs the dispatcher accepts here: no (cpu, triton) on a machine with a GPU
+# (tests/test_backend_cases.py collects the suite as a GPU machine would).
+CASES = _backend.runnable_pairs()
 KERNEL_CASES = [c for c in CASES if c[1] != "reference"]
 
 
