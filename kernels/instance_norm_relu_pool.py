@@ -6,10 +6,14 @@ One program per (b, c) plane of N = H * W values, walking the plane in BLOCK-siz
 a first pass for the plane sums, then one pass per output. Indexing is flat over the input
 plane (h = i // W, w = i % W) or over the pooled plane (its 2x2 window read with four masked
 loads). Loads are upcast to the accumulation dtype right away; every access is masked.
+Divisions and square roots round to nearest and ReLU passes NaN through (kernels/_math.py), as
+in the C++ kernels.
 """
 
 import triton
 import triton.language as tl
+
+from hpd_fast.kernels._math import div_rn, relu, sqrt_rn
 
 
 @triton.jit
@@ -39,7 +43,7 @@ def _relu_affine(x_base, e, m, mean, rstd, w, b, ACC_FP64: tl.constexpr):
         xv = tl.load(x_base + e, mask=m, other=0.0).to(tl.float64)
     else:
         xv = tl.load(x_base + e, mask=m, other=0.0).to(tl.float32)
-    return tl.maximum((xv - mean) * rstd * w + b, 0.0)
+    return relu((xv - mean) * rstd * w + b)
 
 
 @triton.jit
@@ -74,14 +78,17 @@ def _instance_norm_relu_pool_fwd_kernel(
     for start in range(0, n, BLOCK):
         offs = start + ar
         part += tl.load(x_base + offs, mask=offs < n, other=0.0).to(part.dtype)
-    mean = tl.sum(part, axis=0) / n
+    nf = n.to(part.dtype)
+    mean = div_rn(tl.sum(part, axis=0), nf)
+    inv_n = div_rn(nf * 0.0 + 1.0, nf)
     part2 = part * 0.0
     for start in range(0, n, BLOCK):
         offs = start + ar
         m = offs < n
         d = tl.where(m, tl.load(x_base + offs, mask=m, other=0.0).to(part.dtype) - mean, 0.0)
         part2 += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(part2, axis=0) / n + tl.load(eps_ptr))
+    var = tl.sum(part2, axis=0) * inv_n  # csrc/instance_norm_relu_pool.h: inv_std
+    rstd = div_rn(nf * 0.0 + 1.0, sqrt_rn(var + tl.load(eps_ptr)))
     tl.store(mean_ptr + bc, mean)
     tl.store(rstd_ptr + bc, rstd)
     w = tl.load(w_ptr + c)
@@ -149,8 +156,10 @@ def _instance_norm_relu_pool_bwd_kernel(
     sum2 = tl.sum(s2, axis=0)
     tl.store(gb_part_ptr + bc, sum1)
     tl.store(gw_part_ptr + bc, sum2)
-    k_xh = -scale * sum2 / n
-    k_0 = -scale * sum1 / n
+    nf = n.to(s1.dtype)
+    inv_n = div_rn(nf * 0.0 + 1.0, nf)
+    k_xh = -scale * sum2 * inv_n  # csrc/instance_norm_relu_pool.h: backward_coef
+    k_0 = -scale * sum1 * inv_n
     for start in range(0, n, BLOCK):
         offs = start + ar
         m = offs < n
@@ -239,11 +248,13 @@ def _instance_norm_relu_pool_dbwd_kernel(
     U2 = tl.sum(u2, axis=0)
     U3 = tl.sum(u3, axis=0)
     # Per-plane coefficients (csrc/instance_norm_relu_pool.h: double_backward_coef).
+    nf = n.to(s1.dtype)
+    inv_n = div_rn(nf * 0.0 + 1.0, nf)
     wr = w * rstd
-    wrn = wr / n
-    q = U3 - (S1 * U1 + S2 * U2) / n
-    mean_g = (gw * S1 - wrn * (S1 * U2 + U1 * S2)) / n
-    mean_gxh = (gw * S2 - 2.0 * wrn * S2 * U2) / n
+    wrn = wr * inv_n
+    q = U3 - (S1 * U1 + S2 * U2) * inv_n
+    mean_g = (gw * S1 - wrn * (S1 * U2 + U1 * S2)) * inv_n
+    mean_gxh = (gw * S2 - 2.0 * wrn * S2 * U2) * inv_n
     t_u = wr
     t_xh = gw - wrn * U2
     t_0 = gb - wrn * U1

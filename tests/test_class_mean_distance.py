@@ -381,3 +381,108 @@ def test_cpp_kernel_checks_labels_itself():
         torch.ops.hpd_fast.class_mean_distance(
             [torch.randn(3, 2)], torch.tensor([0, 5, 1]), [torch.randn(2, 2)]
         )
+
+
+# ----------------------------------------------------------------------------- GPU launch limits
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class _GridRecorder:
+    """Stands in for ``wrap_triton``: records each launch grid, launches nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Launch:
+            def __getitem__(self, grid):
+                recorder.grids.append((kernel.__name__, tuple(grid)))
+                return lambda *args, **kwargs: None
+
+        return _Launch()
+
+
+@pytest.mark.skipif(not INFO["triton"]["available"], reason="triton not available")
+def test_triton_launch_grids_fit_cuda_limits_beyond_65535(monkeypatch):
+    """CRFD scores select_batch x classes segments at once (ImageNet-1K: > 65,535); the GPU grid
+    arithmetic (GPU tile sizes) must stay within CUDA's limits per axis. The interpreter does not
+    enforce them, so the launch grids themselves are checked."""
+    mod = importlib.import_module("hpd_fast.ops._class_mean_distance_triton")
+    import hpd_fast.kernels.class_mean_distance as kern
+
+    recorder = _GridRecorder()
+    monkeypatch.setattr(mod, "wrap_triton", recorder)
+    monkeypatch.setattr(mod, "forward_blocks", lambda on_gpu, d, n: kern.forward_blocks(True, d, n))
+    monkeypatch.setattr(
+        mod, "backward_blocks", lambda on_gpu, n, d: kern.backward_blocks(True, n, d)
+    )
+    s, n, d = 70_001, 300_007, 3
+    labels = torch.arange(n) % s
+    mod.class_mean_distance_triton([torch.zeros(n, d)], labels, [torch.zeros(s, d)])
+    mod.class_mean_distance_backward_triton(
+        torch.zeros(s), torch.zeros(s, d), labels, torch.float32
+    )
+    assert [name for name, _ in recorder.grids] == [
+        "_class_mean_distance_fwd_kernel",
+        "_class_mean_distance_bwd_kernel",
+    ]
+    for name, grid in recorder.grids:
+        assert len(grid) <= 3
+        for axis, (size, limit) in enumerate(zip(grid, CUDA_GRID_LIMITS)):
+            assert 1 <= size <= limit, f"{name}: grid axis {axis} = {size} exceeds {limit}"
+    # Every (segment, column block) and (row block, column block) gets its program.
+    fwd_blocks = kern.forward_blocks(True, d, n)
+    bwd_blocks = kern.backward_blocks(True, n, d)
+    assert recorder.grids[0][1] == (s * -(-d // fwd_blocks[1]),)
+    assert recorder.grids[1][1] == (-(-n // bwd_blocks[0]) * -(-d // bwd_blocks[1]),)
+
+
+@pytest.mark.skipif(not INFO["triton"]["available"], reason="triton not available")
+def test_triton_many_segments_and_rows_match_the_oracle():
+    """More segments than column blocks and rows than one row block: the 1-D grids' (segment,
+    block) decomposition is right (run through the interpreter / the GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feats, labels, tgts = make(301, [(5,), (2, 3)], 97, device=device, grad=True)
+    got = class_mean_distance(feats, labels, tgts, reduction="none", backend="triton")
+    want = class_mean_distance_ref(feats, labels, tgts, reduction="none")
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.sum(), feats + tgts)
+    g_want = torch.autograd.grad(want.sum(), feats + tgts)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- labels on the GPU
+
+
+@pytest.mark.parametrize("device,backend", [c for c in KERNEL_CASES if c[1] != "cuda"])
+def test_kernel_ops_refuse_or_ignore_out_of_range_labels(device, backend):
+    """The launchers' contract when the Python range check is skipped (torch.compile): the
+    forward fails on a bad label, and the backward never reads outside scale / diff (such a row
+    gets 0). Memory right after scale and diff holds NaN, so an out-of-bounds read shows."""
+    if backend == "triton":
+        fwd = importlib.import_module("hpd_fast.ops.class_mean_distance")._triton_ops()
+        bwd = torch.ops.hpd_fast.class_mean_distance_backward_triton
+    else:
+        fwd = torch.ops.hpd_fast.class_mean_distance
+        bwd = torch.ops.hpd_fast.class_mean_distance_backward
+    s, d = 3, 5
+    for bad in (s, -1):
+        labels = torch.tensor([0, 2, bad, 1], device=device)
+        with pytest.raises((RuntimeError, IndexError)):
+            fwd([torch.randn(4, d, device=device)], labels, [torch.randn(s, d, device=device)])
+    if backend != "triton":
+        return  # the C++ CPU backward raises instead (test_cpp_kernel_checks_labels_itself)
+    scale_buf = torch.full((2 * s,), float("nan"), device=device)
+    diff_buf = torch.full((2 * s, d), float("nan"), device=device)
+    scale_buf[:s] = torch.rand(s)
+    diff_buf[:s] = torch.randn(s, d)
+    scale, diff = scale_buf[:s], diff_buf[:s]
+    labels = torch.tensor([0, s, 2, s + 1, 1], device=device)
+    out = bwd(scale, diff, labels, torch.float32)
+    ok = labels < s
+    torch.testing.assert_close(out[ok], scale[labels[ok]].unsqueeze(1) * diff[labels[ok]])
+    assert torch.equal(out[~ok], torch.zeros_like(out[~ok]))

@@ -496,3 +496,22 @@ def test_func_transforms_run_the_reference():
         vmap(lambda x: instance_norm_relu_pool(x, None, None, backend="cpp"))(
             torch.randn(2, 1, 3, 4, 4)
         )
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("pool", [True, False])
+def test_nan_and_inf_propagate_like_the_reference(device, backend, pool):
+    """ReLU passes NaN through on every backend (Triton's tl.maximum would turn it into 0 and
+    hide a diverging run); an inf input makes its plane NaN as in the reference."""
+    x = torch.randn(2, 4, 4, 6, device=device)
+    x[0, 1, 2, 3] = float("nan")  # one plane: mean and rstd NaN
+    x[1, 2, 0, 0] = float("inf")
+    w = torch.randn(4, device=device)
+    b = torch.randn(4, device=device)
+    b[3] = float("nan")  # one channel: z NaN with finite statistics
+    want = instance_norm_relu_pool_ref(x, w, b, pool=pool)
+    got = instance_norm_relu_pool(x, w, b, pool=pool, backend=backend)
+    assert want.isnan().any() and not want.isnan().all()
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)

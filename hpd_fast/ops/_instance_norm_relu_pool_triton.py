@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from hpd_fast.kernels._math import LAUNCH_OPTIONS
 from hpd_fast.kernels.instance_norm_relu_pool import (
     _instance_norm_relu_pool_bwd_kernel,
     _instance_norm_relu_pool_dbwd_kernel,
@@ -47,7 +48,7 @@ def instance_norm_relu_pool_triton(
         eps_t = torch.full((1,), eps, dtype=acc, device=x.device)  # exact in fp64, unlike a scalar
         wrap_triton(_instance_norm_relu_pool_fwd_kernel)[(b * c,)](
             x, weight.contiguous(), bias.contiguous(), eps_t, y, mean, rstd, c, h, w, h2, w2,
-            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps,
+            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return y.to(x.dtype), mean, rstd
 
@@ -76,7 +77,7 @@ def instance_norm_relu_pool_backward_triton(
         wrap_triton(_instance_norm_relu_pool_bwd_kernel)[(b * c,)](
             gy, x, weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous(),
             gx, gw_part, gb_part, c, h, w, h2, w2,
-            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps,
+            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps, **LAUNCH_OPTIONS,
         )  # fmt: skip
     # Per-plane partials summed over the batch: deterministic.
     return gx.to(x.dtype), gw_part.sum(0), gb_part.sum(0)
@@ -112,6 +113,6 @@ def instance_norm_relu_pool_double_backward_triton(
             u, grad_grad_weight.contiguous(), grad_grad_bias.contiguous(), gy, x,
             weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous(),
             g_gy, g_x, gw_part, c, h, w, h2, w2,
-            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps,
+            POOL=pool, BLOCK=block, ACC_FP64=acc == torch.float64, num_warps=warps, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return g_gy.to(x.dtype), g_x.to(x.dtype), gw_part.sum(0)

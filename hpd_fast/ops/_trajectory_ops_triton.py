@@ -10,6 +10,7 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from hpd_fast.kernels._math import LAUNCH_OPTIONS
 from hpd_fast.kernels.trajectory_ops import (
     _adjoint_update_fwd_kernel,
     _param_match_seed_kernel,
@@ -32,7 +33,7 @@ def sgd_step_triton(theta: Tensor, grad: Tensor, lr: Tensor) -> Tensor:
         blk = block_size(theta.is_cuda, n)
         lr_d = lr.reshape(1).to(device=theta.device, dtype=_acc(theta.dtype))
         wrap_triton(_sgd_step_fwd_kernel)[(triton.cdiv(n, blk),)](
-            theta, grad, lr_d, out, n, BLOCK=blk
+            theta, grad, lr_d, out, n, BLOCK=blk, **LAUNCH_OPTIONS
         )
     return out
 
@@ -50,12 +51,12 @@ def param_match_loss_triton(
     seed = torch.empty_like(theta_n)
     if n:
         wrap_triton(_param_match_sums_kernel)[(grid,)](
-            theta_n, target, start, num, den, n, BLOCK=blk
+            theta_n, target, start, num, den, n, BLOCK=blk, **LAUNCH_OPTIONS
         )
     den_total = den.sum().reshape(1)
     if n:
         wrap_triton(_param_match_seed_kernel)[(grid,)](
-            theta_n, target, den_total, seed, n, BLOCK=blk
+            theta_n, target, den_total, seed, n, BLOCK=blk, **LAUNCH_OPTIONS
         )
     return (num.sum() / den_total[0]).to(theta_n.dtype), seed
 
@@ -69,5 +70,7 @@ def adjoint_update_triton(lam: Tensor, h: Tensor, g: Tensor) -> tuple[Tensor, Te
     out = torch.empty_like(lam)
     dot = torch.zeros(grid, dtype=torch.float64, device=lam.device)
     if n:
-        wrap_triton(_adjoint_update_fwd_kernel)[(grid,)](lam, h, g, out, dot, n, BLOCK=blk)
+        wrap_triton(_adjoint_update_fwd_kernel)[(grid,)](
+            lam, h, g, out, dot, n, BLOCK=blk, **LAUNCH_OPTIONS
+        )
     return out, dot.sum().to(lam.dtype)
