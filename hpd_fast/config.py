@@ -17,9 +17,10 @@ A whole ``hpd-fast distill`` run is a :class:`RunConfig`::
         select:  SelectConfig     the choice of stage and iterate (CRFD)
       eval:      EvalConfig       evaluation of the distilled set
 
-Presets are named :class:`RunConfig` instances (:data:`PRESETS`, :func:`preset`): ``digits``
-(the main job: small and fast, for the embedded digits) and ``hpd-cifar`` / ``hpd-imagenet``
-(the published H-PD settings). ``preset="auto"`` picks one by dataset (:func:`preset_for`).
+Presets are named :class:`RunConfig` instances (:data:`PRESETS`, :func:`preset`): ``default``
+(the dataclass defaults), ``digits`` (the main job: small and fast, for the embedded digits)
+and ``hpd-cifar`` / ``hpd-imagenet`` (the published H-PD settings). ``preset="auto"`` picks one
+by dataset (:func:`preset_for`).
 A resolved configuration is saved with every run (``metrics.json``, ``summary.json``) and can
 be fed back (``hpd-fast distill --config metrics.json``, :func:`load_config`).
 """
@@ -56,6 +57,7 @@ __all__ = [
     "load_config",
     "preset",
     "preset_for",
+    "with_overrides",
 ]
 
 ALGORITHMS = ("mtt", "dm", "dc")
@@ -184,8 +186,7 @@ class ExpertConfig:
     )
     cache_dir: str | None = setting(
         None,
-        "cache folder; experts go to <cache-dir>/experts/<dataset>-<size>-<model>-e<epochs>-"
-        "<hash>",
+        "cache folder; experts go to <cache-dir>/experts/<dataset>-<size>-<model>-e<epochs>-<hash>",
         metavar="DIR",
         shown="$HPD_FAST_CACHE, else $XDG_CACHE_HOME/hpd_fast or ~/.cache/hpd_fast",
     )
@@ -392,7 +393,10 @@ class EvalConfig:
         flags={"distill": "--eval-batch-size", "evaluate": "--batch-size"},
     )
     momentum: float = setting(
-        0.9, "SGD momentum", minimum=0, flags={"distill": "--eval-momentum", "evaluate": "--momentum"}
+        0.9,
+        "SGD momentum",
+        minimum=0,
+        flags={"distill": "--eval-momentum", "evaluate": "--momentum"},
     )
     weight_decay: float = setting(
         5e-4,
@@ -421,8 +425,9 @@ class RunConfig:
 
     preset: str = setting(
         "auto",
-        "named settings (digits, hpd-cifar, hpd-imagenet) under every other option; auto: "
-        "chosen by dataset",
+        "named settings (default, digits, hpd-cifar, hpd-imagenet) under every other option; "
+        "auto: digits for the embedded digits, hpd-cifar for CIFAR-10/100, hpd-imagenet for "
+        "ImageNet subsets, default otherwise",
         metavar="NAME",
     )
     seed: int = setting(0, "seed of everything random", minimum=0)
@@ -486,6 +491,7 @@ def _published(name: str, dataset: str) -> RunConfig:
 
 #: Named settings. ``preset(name)`` returns a fresh copy.
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
+    "default": lambda: RunConfig(preset="default"),
     "digits": _digits,
     "hpd-cifar": lambda: _published("hpd-cifar", "cifar10"),
     "hpd-imagenet": lambda: _published("hpd-imagenet", "imagenette"),
@@ -494,12 +500,16 @@ PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
 
 def preset_for(dataset: str) -> str:
     """The preset ``preset="auto"`` picks for a dataset name."""
+    from hpd_fast.data.subsets import IMAGENET_SUBSETS
+
     name = str(dataset).lower()
     if name == "digits":
         return "digits"
-    if name.startswith("cifar"):
+    if name in ("cifar10", "cifar100"):
         return "hpd-cifar"
-    return "hpd-imagenet"
+    if name in IMAGENET_SUBSETS:
+        return "hpd-imagenet"
+    return "default"
 
 
 def preset(name: str, dataset: str | None = None) -> RunConfig:
@@ -600,7 +610,9 @@ def sections(cls: type) -> dict[str, type]:
     """The nested dataclass fields of ``cls``: ``{name: dataclass}``."""
     hints = _hints(cls)
     return {
-        f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(hints[f.name])
     }
 
 
@@ -672,10 +684,66 @@ def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "settings"
     """A ``cls`` built from a nested mapping; a :class:`RunConfig` starts from its preset."""
     if cls is RunConfig:
         name = data.get("preset", "auto")
-        dataset = (data.get("data") or {}).get("dataset") if isinstance(data.get("data"), Mapping) else None
+        dataset = (
+            (data.get("data") or {}).get("dataset")
+            if isinstance(data.get("data"), Mapping)
+            else None
+        )
         base = preset(name if isinstance(name, str) else "auto", dataset)
         return apply_overrides(base, data, where)
     return apply_overrides(cls(), data, where)
+
+
+#: Keyword names of :class:`~hpd_fast.distill.HPD` that differ from the field they set.
+_HPD_ALIASES = {
+    "mtt_mode": "mtt.mode",
+    "select_every": "select.every",
+    "select_batch": "select.batch",
+}
+
+
+def _hpd_paths() -> dict[str, str]:
+    """Override name -> dotted field path within :class:`HPDConfig` (leaf names are unique)."""
+    out = {}
+    for path, _, _ in leaves(HPDConfig):
+        out.setdefault(path.rsplit(".", 1)[-1], path)
+    out.update(_HPD_ALIASES)
+    return out
+
+
+def with_overrides(config: HPDConfig, overrides: Mapping[str, Any]) -> HPDConfig:
+    """A copy of ``config`` with single settings changed by name (``syn_steps=10``,
+    ``select="last"``, ``mtt_mode="first_order"``); bad names and values raise
+    :class:`ConfigError` naming them. ``augment`` may also be a DSA instance or a callable
+    ``augment(x, seed)``."""
+    out = copy.deepcopy(config)
+    paths = _hpd_paths()
+    for name, value in overrides.items():
+        path = "select.method" if name == "select" else paths.get(name)
+        if path is None:
+            raise ConfigError(
+                f"unknown setting {name!r}; valid: {', '.join(sorted(paths))} (see "
+                "hpd_fast.config.HPDConfig)"
+            )
+        *parents, leaf = path.split(".")
+        obj = out
+        for p in parents:
+            obj = getattr(obj, p)
+        if leaf == "augment" and value is not None and not isinstance(value, str):
+            if not callable(value):
+                raise ConfigError(
+                    "augment must be 'dsa', a DSA strategy string, a DSA instance, a callable "
+                    f"augment(x, seed[, siamese]) or None, got {type(value).__name__}"
+                )
+            obj.augment = value
+            continue
+        if leaf == "per_algorithm":
+            obj.per_algorithm = _check_per_algorithm(value, "per_algorithm")
+            continue
+        f = next(f for f in dataclasses.fields(obj) if f.name == leaf)
+        tp = _hints(type(obj))[leaf]
+        setattr(obj, leaf, check_value(f, tp, value, name))
+    return out
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -693,7 +761,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
             errors.append(f"not valid JSON ({exc})")
         else:
             if not isinstance(data, dict):
-                raise ConfigError(f"config file {str(path)!r} must hold a JSON object at the top level")
+                raise ConfigError(
+                    f"config file {str(path)!r} must hold a JSON object at the top level"
+                )
             return data
     if suffix in (".toml", ""):
         try:

@@ -105,7 +105,7 @@ def make(algorithm="dm", data=None, G=None, experts=None, **kw) -> HPD:
         "expert_epochs": 1,
         **kw,
     }
-    return HPD(G or tiny_generator(), data, 1, algorithm, experts, **args)
+    return HPD(G or tiny_generator(), data, ipc=1, algorithm=algorithm, experts=experts, **args)
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -181,8 +181,8 @@ def test_best_iterate_is_a_true_copy():
     hpd = _FixedScores(
         tiny_generator(),
         data,
-        1,
-        "dm",
+        ipc=1,
+        algorithm="dm",
         iterations_per_stage=4,
         select_every=1,
         callback=record,
@@ -322,8 +322,8 @@ def test_non_finite_loss_names_stage_and_iteration_and_keeps_checkpoint(tmp_path
     hpd = _NaNAt(
         tiny_generator(),
         tiny_data(),
-        1,
-        "dm",
+        ipc=1,
+        algorithm="dm",
         iterations_per_stage=3,
         checkpoint_dir=tmp_path,
         checkpoint_every=1,
@@ -338,8 +338,8 @@ def test_non_finite_loss_names_stage_and_iteration_and_keeps_checkpoint(tmp_path
     res = HPD(
         tiny_generator(),
         tiny_data(),
-        1,
-        "dm",
+        ipc=1,
+        algorithm="dm",
         iterations_per_stage=3,
         checkpoint_dir=tmp_path,
         checkpoint_every=1,
@@ -354,41 +354,41 @@ def test_bad_input():
     data = tiny_data()
     G = tiny_generator()
     with pytest.raises(ValueError, match="ipc"):
-        HPD(G, data, 0, "dm")
+        HPD(G, data, ipc=0, algorithm="dm")
     with pytest.raises(ValueError, match="ipc"):
-        HPD(G, data, 1.5, "dm")
+        HPD(G, data, ipc=1.5, algorithm="dm")
     with pytest.raises(ValueError, match="class counts disagree.*num_classes=4"):
-        HPD(tiny_generator(num_classes=4), data, 1, "dm")
+        HPD(tiny_generator(num_classes=4), data, ipc=1, algorithm="dm")
     no_stages = tiny_generator()
     no_stages.num_stages = 0
     with pytest.raises(ValueError, match="no stages"):
-        HPD(no_stages, data, 1, "dm")
+        HPD(no_stages, data, ipc=1, algorithm="dm")
     with pytest.raises(TypeError, match="StagedGenerator"):
-        HPD(nn.Linear(2, 2), data, 1, "dm")
+        HPD(nn.Linear(2, 2), data, ipc=1, algorithm="dm")
     with pytest.raises(ValueError, match="needs experts"):
-        HPD(G, data, 1, "mtt")
+        HPD(G, data, ipc=1, algorithm="mtt")
     with pytest.raises(ValueError, match="algorithm"):
-        HPD(G, data, 1, "kip")
+        HPD(G, data, ipc=1, algorithm="kip")
     with pytest.raises(ValueError, match="select"):
-        HPD(G, data, 1, "dm", select="best")
+        HPD(G, data, ipc=1, algorithm="dm", select="best")
     with pytest.raises(ValueError, match="last_stage"):
-        HPD(G, data, 1, "dm", last_stage=4)
+        HPD(G, data, ipc=1, algorithm="dm", last_stage=4)
     with pytest.raises(ValueError, match="lr_f"):
-        HPD(G, data, 1, "dm", lr_f=-1.0)
+        HPD(G, data, ipc=1, algorithm="dm", lr_f=-1.0)
     with pytest.raises(ValueError, match="iterations_per_stage"):
-        HPD(G, data, 1, "dm", iterations_per_stage=0)
+        HPD(G, data, ipc=1, algorithm="dm", iterations_per_stage=0)
     experts = TinyExperts(data, epochs=2)
     with pytest.raises(ValueError, match="expert_epochs"):
-        HPD(G, data, 1, "mtt", experts, expert_epochs=3)
+        HPD(G, data, ipc=1, algorithm="mtt", experts=experts, expert_epochs=3)
     with pytest.raises(ValueError, match="max_start_epoch"):
-        HPD(G, data, 1, "mtt", experts, expert_epochs=1, max_start_epoch=3)
+        HPD(G, data, ipc=1, algorithm="mtt", experts=experts, expert_epochs=1, max_start_epoch=3)
     with pytest.raises(ValueError, match="batch_syn"):
-        HPD(G, data, 1, "mtt", experts, expert_epochs=1, batch_syn=4)
+        HPD(G, data, ipc=1, algorithm="mtt", experts=experts, expert_epochs=1, batch_syn=4)
     with pytest.raises(ValueError, match="max_snapshots"):
-        HPD(G, data, 1, "mtt", experts, expert_epochs=1, max_snapshots=0)
+        HPD(G, data, ipc=1, algorithm="mtt", experts=experts, expert_epochs=1, max_snapshots=0)
     with pytest.raises(TypeError, match="experts must provide"):
-        HPD(G, data, 1, "mtt", object())
+        HPD(G, data, ipc=1, algorithm="mtt", experts=object())
     wrong = TinyExperts(data)
     wrong.model_config = {**wrong.model_config, "kwargs": {"width": 5}}
     with pytest.raises(ValueError, match="layout"):
-        HPD(G, data, 1, "mtt", wrong)
+        HPD(G, data, ipc=1, algorithm="mtt", experts=wrong)

@@ -1,7 +1,7 @@
 """Distillation losses and loops."""
 
 from hpd_fast.distill.crfd import CRFD
-from hpd_fast.distill.hpd import ALGORITHMS, DEFAULTS, HPD, SELECTIONS, NonFiniteLossError
+from hpd_fast.distill.hpd import ALGORITHMS, HPD, SELECTIONS, NonFiniteLossError
 from hpd_fast.distill.losses import dc_loss, dm_loss, gradient_match_distance
 from hpd_fast.distill.result import DistillResult
 from hpd_fast.distill.trajectory import (
@@ -14,7 +14,6 @@ from hpd_fast.distill.trajectory import (
 __all__ = [
     "ALGORITHMS",
     "CRFD",
-    "DEFAULTS",
     "HPD",
     "MODES",
     "SELECTIONS",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -44,32 +45,19 @@ from torch import Tensor, nn
 from hpd_fast._checks import check_float, check_int
 from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
+from hpd_fast.config import ALGORITHMS, SELECTIONS, HPDConfig, preset, preset_for, with_overrides
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
-from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, check_max_snapshots
-from hpd_fast.distill.trajectory import MODES, trajectory_matching_loss
+from hpd_fast.distill.trajectory import trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
 from hpd_fast.render import render
 
-__all__ = ["ALGORITHMS", "DEFAULTS", "HPD", "NonFiniteLossError", "SELECTIONS"]
+__all__ = ["ALGORITHMS", "HPD", "NonFiniteLossError", "SELECTIONS"]
 
-ALGORITHMS = ("mtt", "dm", "dc")
-SELECTIONS = ("crfd", "eval", "last")
-
-#: Per-algorithm defaults of ``iterations_per_stage``, ``lr_w`` and ``lr_f``, chosen for the
-#: embedded digits setting (8x8, ``generators.pretrained("digits")``, ConvNet-2 networks): each
-#: step moves the latents by a few percent of their RMS. The published StyleGAN-XL settings
-#: differ because their latents have other sizes and scales (MTT: lr_w 10, lr_f 1e4, 100
-#: iterations per layer; DM: lr_w 0.01, lr_f 10; DC: lr_w 1e-3, lr_f 1).
-DEFAULTS: dict[str, dict[str, float | int]] = {
-    "mtt": {"iterations_per_stage": 25, "lr_w": 10.0, "lr_f": 10.0},
-    "dm": {"iterations_per_stage": 30, "lr_w": 0.1, "lr_f": 0.2},
-    "dc": {"iterations_per_stage": 30, "lr_w": 0.03, "lr_f": 0.05},
-}
-
+_LOG = logging.getLogger("hpd_fast")
 _FORMAT = "hpd_fast.HPDCheckpoint"
 _VERSION = 1
 _CKPT = "checkpoint.safetensors"
@@ -153,55 +141,27 @@ def _resolve_augment(augment: Any) -> DSA | Callable[..., Tensor] | None:
 class HPD:
     """Hierarchical parameterization distillation over a staged generator.
 
+    Every setting lives in :class:`~hpd_fast.config.HPDConfig` (with its default and help);
+    ``config=None`` takes the preset of the dataset (:func:`hpd_fast.config.preset_for`: the
+    ``digits`` preset for the embedded digits, the published H-PD settings for CIFAR and
+    ImageNet subsets), exactly as ``hpd-fast distill`` does. Keyword ``overrides`` change single
+    settings by name: any field of :class:`~hpd_fast.config.HPDConfig` or of its ``mtt``,
+    ``match`` and ``select`` sections (``syn_steps=10``, ``batch_real=32``, ``crfd_models=2``),
+    plus the names ``mtt_mode``, ``select`` (a method name), ``select_every`` and
+    ``select_batch``.
+
     Args:
         generator: a :class:`~hpd_fast.generators.StagedGenerator` (frozen; it renders
             ``[M, C, H, W]`` images normalised like ``dataset``).
         dataset: the real data (:func:`hpd_fast.data.load`); its training split is distilled.
-        ipc: images per class (``M = ipc * K``, labels class-major).
-        algorithm: ``"mtt"`` (trajectory matching; needs ``experts``), ``"dm"`` or ``"dc"``.
+        config: the settings (:class:`~hpd_fast.config.HPDConfig`); see above for None.
         experts: expert trajectories for ``"mtt"`` (:func:`hpd_fast.experts.load`): an object
             with ``trajectories`` (each ``[epochs + 1, P]``), ``model_config``, ``lr`` and
             ``check_student(student)``.
-        iterations_per_stage: optimiser steps per stage (default: :data:`DEFAULTS`).
-        lr_w, lr_f: SGD rates of ``w`` and ``f`` (default: :data:`DEFAULTS`).
-        momentum: SGD momentum of the latents (and of the learnable student rate).
-        last_stage: the deepest stage optimised (default: ``generator.num_stages``, the last
-            one before the image head).
-        continue_from: ``"best"`` (the stage's best-scored iterate is advanced to the next stage)
-            or ``"last"`` (its final iterate).
-        syn_steps, expert_epochs, max_start_epoch, batch_syn, lr_lr, lr_teacher, mtt_mode:
-            trajectory matching: student steps per iteration, expert epochs to match, start
-            epochs drawn from ``[0, max_start_epoch)`` (default ``min(5, epochs -
-            expert_epochs + 1)``), student minibatch (None: all images), learning rate of the
-            learnable student rate, its initial value (default ``experts.lr``), and the gradient
-            (``"exact"``, ``"first_order"`` or ``"unrolled"``; see
-            :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`).
-        max_snapshots: the most student parameter snapshots the exact / first-order sweep
-            stores at once (default 32); longer trajectories rebuild the others in the
-            backward sweep (same gradients); None stores all ``syn_steps``.
-        batch_real: real images per class in each DM / DC iteration.
-        model, model_kwargs: the random network of DM / DC (a name of
-            :data:`hpd_fast.models.MODEL_NAMES`; DM uses its ``embed``).
-        augment: ``"dsa"`` (default), a DSA strategy string or instance, a callable
-            ``augment(x, seed)``, or None. DM / DC apply it with one seed per class to the real
-            and synthetic batch (siamese when it is a DSA).
-        select: ``"crfd"`` (default), ``"eval"`` (train networks on each candidate with
-            :func:`hpd_fast.evaluate` and keep the most accurate, expensive) or ``"last"`` (no
-            scoring; the final iterate of the last stage).
-        select_every: score the iterate every this many iterations (and always at the end of
-            a stage; iterate 0 of each stage is scored too).
-        crfd_models, crfd_syn_augments, crfd_real_passes, crfd_model, crfd_model_kwargs:
-            see :class:`~hpd_fast.distill.crfd.CRFD`.
-        select_batch: candidates scored together in one batched CRFD pass.
-        eval_kwargs: keyword arguments of :func:`hpd_fast.evaluate` for ``select="eval"``.
-        chunk_size: images re-rendered per backward chunk (None keeps the generator graph
-            alive through the loss: one generator forward fewer, more memory).
+        seed: the seed of everything random.
         checkpoint_dir: folder for checkpoints (written at every stage boundary, every
             ``checkpoint_every`` iterations and at the end). If it holds a checkpoint of the same
             run, :meth:`fit` resumes from it.
-        checkpoint_every: iterations between checkpoints within a stage (None: only at stage
-            boundaries and at the end).
-        seed: the seed of everything random.
         group: a ``torch.distributed`` process group: every rank runs the same H-PD loop
             and holds the same latents at every iteration. MTT splits each student step's batch
             over the ranks (see :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`);
@@ -211,54 +171,31 @@ class HPD:
         callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
             "hpd"}`` (``w``, ``f``: the current latents, detached views; do not modify them); an
             exception raised there stops :meth:`fit` (the last checkpoint stays).
+        **overrides: single settings, see above.
+
+    The loop: starting at ``first_stage``, ``iterations_per_stage`` SGD steps on the latents
+    ``(w, f)``, scoring iterates every ``select_every`` steps (CRFD by default) and keeping
+    each stage's best, then ``f`` is pushed one stage deeper from the stage's best (or last)
+    iterate, up to ``last_stage``; the result is the best-scored iterate over all stages.
 
     Raises:
         ValueError / TypeError: on bad input, naming the argument (ipc < 1, a generator with no
             stages, class counts or image shapes that differ between dataset and generator,
-            ``"mtt"`` without experts, ...).
+            ``"mtt"`` without experts, an unknown setting name, ...).
     """
 
     def __init__(
         self,
         generator: StagedGenerator,
         dataset: DistillData,
-        ipc: int = 1,
-        algorithm: str = "mtt",
-        experts: Any = None,
+        config: HPDConfig | None = None,
         *,
-        iterations_per_stage: int | None = None,
-        lr_w: float | None = None,
-        lr_f: float | None = None,
-        momentum: float = 0.5,
-        last_stage: int | None = None,
-        continue_from: str = "best",
-        syn_steps: int = 20,
-        expert_epochs: int = 3,
-        max_start_epoch: int | None = None,
-        batch_syn: int | None = None,
-        lr_lr: float = 1e-6,
-        lr_teacher: float | None = None,
-        mtt_mode: str = "exact",
-        max_snapshots: int | None = DEFAULT_MAX_SNAPSHOTS,
-        batch_real: int = 64,
-        model: str = "ConvNet",
-        model_kwargs: Mapping[str, Any] | None = None,
-        augment: Any = "dsa",
-        select: str = "crfd",
-        select_every: int = 10,
-        select_batch: int = 4,
-        crfd_models: int = 3,
-        crfd_syn_augments: int = 4,
-        crfd_real_passes: int = 1,
-        crfd_model: str = "ConvNet",
-        crfd_model_kwargs: Mapping[str, Any] | None = None,
-        eval_kwargs: Mapping[str, Any] | None = None,
-        chunk_size: int | None = 10,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        checkpoint_every: int | None = None,
-        group: Any = None,
+        experts: Any = None,
         seed: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        group: Any = None,
         callback: Callback | None = None,
+        **overrides: Any,
     ) -> None:
         # ---- generator and dataset
         if not isinstance(generator, StagedGenerator):
@@ -277,6 +214,15 @@ class HPD:
                 f"dataset must be a DistillData (from hpd_fast.data.load), got "
                 f"{type(dataset).__name__}"
             )
+        if config is None:
+            config = preset(preset_for(dataset.name)).hpd
+        elif not isinstance(config, HPDConfig):
+            raise TypeError(
+                f"config must be a hpd_fast.config.HPDConfig or None, got {type(config).__name__}"
+                " (single settings go by keyword, e.g. HPD(G, data, ipc=10))"
+            )
+        cfg = with_overrides(config, overrides).resolved()
+        self.settings = cfg
         if generator.num_classes != dataset.num_classes:
             raise ValueError(
                 f"class counts disagree: the generator has num_classes={generator.num_classes} "
@@ -288,106 +234,89 @@ class HPD:
                 f"the generator renders images of shape {tuple(generator.image_shape)} but "
                 f"dataset {dataset.name!r} has images of shape {data_shape}"
             )
-        self.ipc = check_int("ipc", ipc, 1)
+        self.ipc = cfg.ipc
         counts = dataset.class_counts()
         if int(counts.min()) < 1:
             empty = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"dataset has no training image of class(es) {empty}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        if select not in SELECTIONS:
-            raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
-        if continue_from not in ("best", "last"):
-            raise ValueError(f"continue_from must be 'best' or 'last', got {continue_from!r}")
-        if mtt_mode not in MODES:
-            raise ValueError(f"mtt_mode must be one of {MODES}, got {mtt_mode!r}")
-        check_max_snapshots(max_snapshots)
-        for name, value in (("model", model), ("crfd_model", crfd_model)):
+        for name, value in (("model", cfg.match.model), ("crfd_model", cfg.select.crfd_model)):
             if value not in MODEL_NAMES:
                 raise ValueError(f"{name} must be one of {', '.join(MODEL_NAMES)}, got {value!r}")
 
         self.generator = generator.requires_grad_(False)
         self.dataset = dataset
-        self.algorithm = algorithm
+        self.algorithm = cfg.algorithm
         self.device = generator.device
         self.num_classes = dataset.num_classes
-        defaults = DEFAULTS[algorithm]
-        self.iterations_per_stage = check_int(
-            "iterations_per_stage",
-            defaults["iterations_per_stage"]
-            if iterations_per_stage is None
-            else iterations_per_stage,
-            1,
-        )
-        self.lr_w = check_float("lr_w", defaults["lr_w"] if lr_w is None else lr_w, allow_zero=True)
-        self.lr_f = check_float("lr_f", defaults["lr_f"] if lr_f is None else lr_f, allow_zero=True)
-        self.momentum = check_float("momentum", momentum, allow_zero=True)
-        self.last_stage = stages if last_stage is None else check_int("last_stage", last_stage, 1)
+        self.iterations_per_stage = cfg.iterations_per_stage
+        self.lr_w, self.lr_f, self.momentum = cfg.lr_w, cfg.lr_f, cfg.momentum
+        self.last_stage = stages if cfg.last_stage is None else cfg.last_stage
         if self.last_stage > stages:
             raise ValueError(
                 f"last_stage must be <= generator.num_stages = {stages}, got {self.last_stage}"
             )
-        self.continue_from = continue_from
-        self.batch_real = check_int("batch_real", batch_real, 1)
-        self.model = model
-        self.model_kwargs = dict(model_kwargs or {})
-        self.augment = _resolve_augment(augment)
-        self.select = select
-        self.select_every = check_int("select_every", select_every, 1)
-        self.select_batch = check_int("select_batch", select_batch, 1)
+        self.first_stage = cfg.first_stage
+        if self.first_stage > self.last_stage:
+            raise ValueError(
+                f"first_stage must be <= last_stage = {self.last_stage}, got {self.first_stage}"
+            )
+        self.continue_from = cfg.continue_from
+        self.batch_real = cfg.match.batch_real
+        self.model = cfg.match.model
+        self.model_kwargs = dict(cfg.match.model_kwargs)
+        self.augment = _resolve_augment(cfg.augment)
+        sel = cfg.select
+        self.select = sel.method
+        self.select_every = sel.every
+        self.select_batch = sel.batch
         self.crfd_kwargs = {
-            "num_models": check_int("crfd_models", crfd_models, 1),
-            "syn_augments": check_int("crfd_syn_augments", crfd_syn_augments, 1),
-            "real_passes": check_int("crfd_real_passes", crfd_real_passes, 1),
-            "model": crfd_model,
-            "model_kwargs": dict(crfd_model_kwargs or {}),
+            "num_models": sel.crfd_models,
+            "syn_augments": sel.crfd_syn_augments,
+            "real_passes": sel.crfd_real_passes,
+            "model": sel.crfd_model,
+            "model_kwargs": dict(sel.crfd_model_kwargs),
         }
-        self.eval_kwargs = dict(eval_kwargs or {})
-        if chunk_size is not None:
-            chunk_size = check_int("chunk_size", chunk_size, 1)
-        self.chunk_size = chunk_size
+        self.eval_kwargs = dict(sel.eval_kwargs)
+        self.chunk_size = cfg.chunk_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.group = group
         rank, world = rank_and_size(group)
         self._writer = rank == 0
         self._rank, self._world = rank, world
-        if group is not None and algorithm != "mtt" and self.num_classes < world:
+        if group is not None and self.algorithm != "mtt" and self.num_classes < world:
             raise ValueError(
-                f"group: {algorithm} splits the {self.num_classes} classes over the "
+                f"group: {self.algorithm} splits the {self.num_classes} classes over the "
                 f"{world} ranks; it needs at least one class per rank"
             )
-        self.checkpoint_every = (
-            None if checkpoint_every is None else check_int("checkpoint_every", checkpoint_every, 1)
-        )
+        self.checkpoint_every = cfg.checkpoint_every
         self.seed = check_int("seed", seed, 0)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable(info: dict) or None")
         self.callback = callback
 
         # ---- trajectory matching
+        mtt = cfg.mtt
         self.experts = experts
-        self.mtt_mode = mtt_mode
+        self.mtt_mode = mtt.mode
         # Not part of the run's identity: it changes memory and time, not the numbers.
-        self.max_snapshots = max_snapshots
-        self.syn_steps = check_int("syn_steps", syn_steps, 1)
-        self.expert_epochs = check_int("expert_epochs", expert_epochs, 1)
-        self.lr_lr = check_float("lr_lr", lr_lr, allow_zero=True)
+        self.max_snapshots = mtt.max_snapshots
+        self.syn_steps = mtt.syn_steps
+        self.expert_epochs = mtt.expert_epochs
+        self.lr_lr = mtt.lr_lr
         m = self.ipc * self.num_classes
-        if batch_syn is not None:
-            batch_syn = check_int("batch_syn", batch_syn, 1)
-            if batch_syn > m:
-                raise ValueError(f"batch_syn must be <= ipc * num_classes = {m}, got {batch_syn}")
-        self.batch_syn = batch_syn
+        if mtt.batch_syn is not None and mtt.batch_syn > m:
+            raise ValueError(f"batch_syn must be <= ipc * num_classes = {m}, got {mtt.batch_syn}")
+        self.batch_syn = mtt.batch_syn
         self.student: nn.Module | None = None
         self.max_start_epoch = 0
         self.lr_teacher = 0.0
-        if algorithm == "mtt":
+        if self.algorithm == "mtt":
             if experts is None:
                 raise ValueError(
                     "algorithm='mtt' needs experts= (expert trajectories: "
                     "hpd_fast.experts.train_experts(...) or hpd_fast.experts.load(path))"
                 )
-            self._setup_experts(max_start_epoch, lr_teacher)
+            self._setup_experts(mtt.max_start_epoch, mtt.lr_teacher)
 
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
         # DM / DC over a group: the images of this rank's classes (c % W == rank).
@@ -457,7 +386,7 @@ class HPD:
             "lr_w": self.lr_w,
             "lr_f": self.lr_f,
             "momentum": self.momentum,
-            "first_stage": 1,
+            "first_stage": self.first_stage,
             "last_stage": self.last_stage,
             "continue_from": self.continue_from,
             "select": self.select,
@@ -632,11 +561,13 @@ class HPD:
         return out
 
     # --------------------------------------------------------------------------------- fit
-    def fit(self, progress: bool = True) -> DistillResult:
+    def fit(self, progress: bool | None = None) -> DistillResult:
         """Run (or resume) the distillation and return the chosen synthetic set.
 
         Args:
-            progress: show a tqdm bar over all iterations (stage, loss and best score).
+            progress: None (default): a tqdm bar over all iterations when stderr is a terminal,
+                otherwise one line per stage (loss, best score) through the ``hpd_fast``
+                logger; True: the bar; False: neither. Only the group's first rank reports.
 
         Returns:
             :class:`~hpd_fast.distill.result.DistillResult`.
@@ -659,20 +590,24 @@ class HPD:
                 st.timings["setup"] = st.timings.get("setup", 0.0) + time.perf_counter() - t0
         if not loaded:
             w, f = self.generator.sample_latents(self.labels, derive_seed(self.seed, "latents"))
-            st.stage, st.iteration = 1, 0
-            st.w, st.f = w.float(), f.float()
+            w, f = w.float(), f.float()
+            for k in range(1, self.first_stage):  # stages before the first optimised one
+                f = self._advance(w, f, k).float()
+            st.stage, st.iteration = self.first_stage, 0
+            st.w, st.f = w, f
             st.syn_lr = torch.tensor(self.lr_teacher, device=self.device)
             self._new_optimizers(st, keep_lr_state=False)
             self._add_candidate(st)
-        total = (self.last_stage) * self.iterations_per_stage
-        done = (st.stage - 1) * self.iterations_per_stage + st.iteration
+        total = (self.last_stage - self.first_stage + 1) * self.iterations_per_stage
+        done = (st.stage - self.first_stage) * self.iterations_per_stage + st.iteration
         bar = tqdm(
             total=total,
             initial=min(done, total),
             desc="H-PD",
             unit="it",
-            disable=not (progress and self._writer),
+            disable=(None if progress is None else not progress) if self._writer else True,
         )
+        log_stages = self._writer and progress is None and bar.disable
         t_loop = time.perf_counter()
         try:
             while not st.finished:
@@ -718,11 +653,29 @@ class HPD:
                 self._end_stage(st)
                 st.add_time(f"stage{stage}", time.perf_counter() - t_stage)
                 self._save_checkpoint(st)
+                if log_stages:
+                    self._log_stage(st, stage)
         finally:
             bar.close()
         st.add_time("loop", time.perf_counter() - t_loop)
         st.add_time("total", time.perf_counter() - t_start)
         return self._result(st)
+
+    def _log_stage(self, st: _RunState, stage: int) -> None:
+        losses = [e["loss"] for e in st.losses if e["stage"] == stage]
+        best = st.best.get(stage, {})
+        score = best.get("score")
+        what = "CRFD" if self.select == "crfd" else "score"
+        _LOG.info(
+            "H-PD stage %d/%d: %d iterations, last loss %s, best %s (iterate %s), %.1f s",
+            stage,
+            self.last_stage,
+            len(losses),
+            f"{losses[-1]:.4g}" if losses else "-",
+            f"{what} {score:.4g}" if score is not None else "unscored",
+            best.get("iteration"),
+            st.timings.get(f"stage{stage}", 0.0),
+        )
 
     # ------------------------------------------------------------------------------ steps
     def _new_optimizers(self, st: _RunState, keep_lr_state: bool) -> None:
