@@ -475,9 +475,12 @@ def _published(name: str, dataset: str) -> RunConfig:
     cfg.data.dataset = dataset
     cfg.experts.num_experts = 100
     cfg.experts.epochs = 50
+    # Trajectory matching as the H-PD code sets it: 20 student steps matched against 3 expert
+    # epochs from a start epoch below 5, lr_lr 1e-6, 100 iterations per layer, lr_w 10 and
+    # lr_img (for f) 1e4. DM / DC: the rates of its DM / DC scripts, 100 iterations per layer.
     cfg.hpd.mtt.syn_steps = 20
-    cfg.hpd.mtt.expert_epochs = 2
-    cfg.hpd.mtt.max_start_epoch = 20
+    cfg.hpd.mtt.expert_epochs = 3
+    cfg.hpd.mtt.max_start_epoch = 5
     cfg.hpd.mtt.lr_lr = 1e-6
     cfg.hpd.per_algorithm = {
         "mtt": {"iterations_per_stage": 100, "lr_w": 10.0, "lr_f": 10000.0},
