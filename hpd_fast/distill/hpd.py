@@ -32,24 +32,30 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
-from hpd_fast._distributed import rank_and_size
+from hpd_fast._distributed import rank_and_size, sum_grad
 from hpd_fast.augment import DSA
 from hpd_fast.config import ALGORITHMS, SELECTIONS, HPDConfig, preset, preset_for, with_overrides
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
+from hpd_fast.distill.state import (
+    Candidate,
+    RunState,
+    pack_optimizer,
+    private_copy,
+    read_checkpoint,
+    unpack_optimizer,
+    write_checkpoint,
+)
 from hpd_fast.distill.trajectory import trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -58,26 +64,8 @@ from hpd_fast.render import render
 __all__ = ["ALGORITHMS", "HPD", "NonFiniteLossError", "SELECTIONS"]
 
 _LOG = logging.getLogger("hpd_fast")
-_FORMAT = "hpd_fast.HPDCheckpoint"
-_VERSION = 1
-_CKPT = "checkpoint.safetensors"
 _MAX_AUG_SEED = 2**31 - 1
 _F_CLAMP = 10.0
-
-
-class _SumGrad(torch.autograd.Function):
-    """Identity whose backward sums the incoming gradient over a process group."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,20 +73,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class _Candidate:
-    """A scored (or to be scored) iterate: private copies of its latents."""
-
-    iteration: int
-    w: Tensor
-    f: Tensor
-
-
-def _copy(t: Tensor) -> Tensor:
-    """A detached private copy in the plain contiguous layout."""
-    return t.detach().clone(memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +518,7 @@ class HPD:
             **self.crfd_kwargs,
         )
 
-    def _score(self, cands: list[_Candidate], stage: int) -> list[float]:
+    def _score(self, cands: list[Candidate], stage: int) -> list[float]:
         imgs = [self.render(c.w, c.f, stage) for c in cands]
         if self.select == "crfd":
             return [float(v) for v in self._crfd.score(imgs, self.labels)]
@@ -580,7 +554,7 @@ class HPD:
         from tqdm.auto import tqdm
 
         t_start = time.perf_counter()
-        st = _RunState()
+        st = RunState()
         loaded = self._load_checkpoint(st)
         crfd_means = loaded.pop("crfd_means", None) if loaded else None
         if self.select == "crfd":
@@ -661,7 +635,7 @@ class HPD:
         st.add_time("total", time.perf_counter() - t_start)
         return self._result(st)
 
-    def _log_stage(self, st: _RunState, stage: int) -> None:
+    def _log_stage(self, st: RunState, stage: int) -> None:
         losses = [e["loss"] for e in st.losses if e["stage"] == stage]
         best = st.best.get(stage, {})
         score = best.get("score")
@@ -678,10 +652,10 @@ class HPD:
         )
 
     # ------------------------------------------------------------------------------ steps
-    def _new_optimizers(self, st: _RunState, keep_lr_state: bool) -> None:
+    def _new_optimizers(self, st: RunState, keep_lr_state: bool) -> None:
         # New leaves (fresh, contiguous memory) for the new optimiser.
-        st.w = _copy(st.w).requires_grad_(True)
-        st.f = _copy(st.f).requires_grad_(True)
+        st.w = private_copy(st.w).requires_grad_(True)
+        st.f = private_copy(st.f).requires_grad_(True)
         st.opt = torch.optim.SGD(
             [
                 {"params": [st.w], "lr": self.lr_w},
@@ -694,7 +668,7 @@ class HPD:
             st.syn_lr = st.syn_lr.detach().clone().requires_grad_(True)
             st.opt_lr = torch.optim.SGD([st.syn_lr], lr=self.lr_lr, momentum=self.momentum)
 
-    def _step(self, st: _RunState, stage: int, it: int) -> float:
+    def _step(self, st: RunState, stage: int, it: int) -> float:
         """One optimiser step at ``stage`` (iteration ``it``, 0-based); returns the loss."""
         st.opt.zero_grad(set_to_none=True)
         if st.opt_lr is not None:
@@ -703,7 +677,7 @@ class HPD:
         syn_lr = st.syn_lr if self.algorithm == "mtt" else None
         shared = self.group is not None and self.algorithm != "mtt"
         if shared:  # this rank's classes only; the image gradients are summed on the way back
-            images = _SumGrad.apply(images, self.group)
+            images = sum_grad(images, self.group)
         loss = self._loss(images, stage, it, syn_lr)
         if shared:
             total = loss.detach().clone()
@@ -738,12 +712,12 @@ class HPD:
             st.opt_lr.step()
         return value
 
-    def _add_candidate(self, st: _RunState) -> None:
+    def _add_candidate(self, st: RunState) -> None:
         if self.select == "last":
             return
-        st.pending.append(_Candidate(st.iteration, _copy(st.w), _copy(st.f)))
+        st.pending.append(Candidate(st.iteration, private_copy(st.w), private_copy(st.f)))
 
-    def _flush(self, st: _RunState) -> None:
+    def _flush(self, st: RunState) -> None:
         if not st.pending:
             return
         t0 = time.perf_counter()
@@ -761,14 +735,14 @@ class HPD:
         st.pending = []
         st.add_time("select", time.perf_counter() - t0)
 
-    def _end_stage(self, st: _RunState) -> None:
+    def _end_stage(self, st: RunState) -> None:
         stage = st.stage
         if self.select == "last":
             st.best[stage] = {
                 "iteration": st.iteration,
                 "score": None,
-                "w": _copy(st.w),
-                "f": _copy(st.f),
+                "w": private_copy(st.w),
+                "f": private_copy(st.f),
             }
         else:
             self._flush(st)
@@ -776,15 +750,15 @@ class HPD:
             st.finished = True
             return
         src = st.best[stage] if self.continue_from == "best" else {"w": st.w, "f": st.f}
-        w = _copy(src["w"])
-        f = _copy(self._advance(w, src["f"].detach(), stage))
+        w = private_copy(src["w"])
+        f = private_copy(self._advance(w, src["f"].detach(), stage))
         st.stage, st.iteration = stage + 1, 0
         st.w, st.f = w, f
         self._new_optimizers(st, keep_lr_state=True)
         self._add_candidate(st)
 
     # ------------------------------------------------------------------------------ result
-    def _result(self, st: _RunState) -> DistillResult:
+    def _result(self, st: RunState) -> DistillResult:
         scored = {k: b for k, b in st.best.items() if b["score"] is not None}
         if scored:
             chosen = min(sorted(scored), key=lambda k: scored[k]["score"])
@@ -814,15 +788,13 @@ class HPD:
         )
 
     # ------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, st: _RunState) -> None:
+    def _save_checkpoint(self, st: RunState) -> None:
         if self.checkpoint_dir is None or not self._writer:
             return
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {"w": st.w, "f": st.f}
         meta: dict[str, Any] = {
-            "format": _FORMAT,
-            "version": _VERSION,
             "config": self.config,
             "stage": st.stage,
             "iteration": st.iteration,
@@ -840,43 +812,23 @@ class HPD:
             tensors[f"pending{i}.w"], tensors[f"pending{i}.f"] = c.w, c.f
         for k, b in st.best.items():
             tensors[f"best{k}.w"], tensors[f"best{k}.f"] = b["w"], b["f"]
-        meta["opt"] = _pack_optimizer(st.opt, "opt", tensors)
+        meta["opt"] = pack_optimizer(st.opt, "opt", tensors)
         if st.opt_lr is not None:
             tensors["syn_lr"] = st.syn_lr.reshape(1)
-            meta["opt_lr"] = _pack_optimizer(st.opt_lr, "opt_lr", tensors)
+            meta["opt_lr"] = pack_optimizer(st.opt_lr, "opt_lr", tensors)
         if self.select == "crfd":
             tensors.update(self._crfd.state_tensors("crfd"))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        text = json.dumps(meta)
-        tmp = d / (_CKPT + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "state": text})
-        os.replace(tmp, d / _CKPT)  # atomic: a crash leaves the previous checkpoint intact
-        # A readable copy of the state (the safetensors file is the one that is read back).
-        tmp_json = d / "checkpoint.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp_json, d / "checkpoint.json")
+        write_checkpoint(d, tensors, meta)
 
-    def _load_checkpoint(self, st: _RunState) -> dict[str, Any]:
+    def _load_checkpoint(self, st: RunState) -> dict[str, Any]:
         """Fill ``st`` from ``checkpoint_dir`` if it holds one; returns extra loaded items."""
         if self.checkpoint_dir is None:
             return {}
-        path = self.checkpoint_dir / _CKPT
-        if not path.is_file():
+        loaded = read_checkpoint(self.checkpoint_dir, self.config)
+        if loaded is None:
             return {}
-        with safe_open(str(path), framework="pt") as fh:
-            file_meta = fh.metadata() or {}
-            # Fresh (aligned) copies: the kernels may round differently on the file buffer's
-            # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
-            tensors = {k: _copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        if file_meta.get("format") != _FORMAT or "state" not in file_meta:
-            raise ValueError(f"{str(path)!r} is not an H-PD checkpoint")
-        meta = json.loads(file_meta["state"])
-        if meta.get("config") != self.config:
-            diff = _config_diff(meta.get("config", {}), self.config)
-            raise ValueError(
-                f"checkpoint_dir {str(self.checkpoint_dir)!r} holds a checkpoint of a different "
-                f"run ({'; '.join(diff[:6])}); use another directory or delete it"
-            )
+        meta, tensors = loaded
         dev = self.device
         st.stage, st.iteration = int(meta["stage"]), int(meta["iteration"])
         st.finished = bool(meta["finished"])
@@ -886,11 +838,11 @@ class HPD:
         if self.algorithm == "mtt":
             st.syn_lr = tensors["syn_lr"].reshape(()).to(dev)
         self._new_optimizers(st, keep_lr_state=False)
-        _unpack_optimizer(st.opt, meta["opt"], "opt", tensors, dev)
+        unpack_optimizer(st.opt, meta["opt"], "opt", tensors, dev)
         if st.opt_lr is not None:
-            _unpack_optimizer(st.opt_lr, meta["opt_lr"], "opt_lr", tensors, dev)
+            unpack_optimizer(st.opt_lr, meta["opt_lr"], "opt_lr", tensors, dev)
         st.pending = [
-            _Candidate(int(it), tensors[f"pending{i}.w"].to(dev), tensors[f"pending{i}.f"].to(dev))
+            Candidate(int(it), tensors[f"pending{i}.w"].to(dev), tensors[f"pending{i}.f"].to(dev))
             for i, it in enumerate(meta["pending"])
         ]
         st.best = {
@@ -906,78 +858,3 @@ class HPD:
         if self.select == "crfd":
             out["crfd_means"] = CRFD.means_from_tensors(tensors, "crfd")
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# run state and optimiser (de)serialisation
-# --------------------------------------------------------------------------------------------
-
-
-class _RunState:
-    """Everything that changes during :meth:`HPD.fit` (what a checkpoint holds)."""
-
-    def __init__(self) -> None:
-        self.stage = 1
-        self.iteration = 0
-        self.finished = False
-        self.w: Tensor = torch.empty(0)
-        self.f: Tensor = torch.empty(0)
-        self.syn_lr: Tensor = torch.zeros(())
-        self.opt: torch.optim.Optimizer | None = None
-        self.opt_lr: torch.optim.Optimizer | None = None
-        self.pending: list[_Candidate] = []
-        self.best: dict[int, dict[str, Any]] = {}
-        self.history: list[dict[str, Any]] = []
-        self.losses: list[dict[str, Any]] = []
-        self.timings: dict[str, float] = {}
-
-    def add_time(self, key: str, seconds: float) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + seconds
-
-    def best_score(self) -> float | None:
-        scores = [b["score"] for b in self.best.values() if b["score"] is not None]
-        return min(scores) if scores else None
-
-
-def _pack_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor]) -> dict:
-    """Optimiser state: tensors go into ``tensors`` (``prefix.state.i.key``), the rest to JSON."""
-    sd = opt.state_dict()
-    state_json: dict[str, dict[str, Any]] = {}
-    for idx, entry in sd["state"].items():
-        state_json[str(idx)] = {}
-        for key, value in entry.items():
-            if isinstance(value, Tensor):
-                tensors[f"{prefix}.state.{idx}.{key}"] = value
-                state_json[str(idx)][key] = {"tensor": True}
-            else:
-                state_json[str(idx)][key] = value
-    return {"param_groups": sd["param_groups"], "state": state_json}
-
-
-def _unpack_optimizer(
-    opt: torch.optim.Optimizer,
-    packed: Mapping[str, Any],
-    prefix: str,
-    tensors: Mapping[str, Tensor],
-    device: torch.device,
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for idx, entry in packed["state"].items():
-        state[int(idx)] = {
-            key: tensors[f"{prefix}.state.{idx}.{key}"].to(device)
-            if isinstance(value, dict) and value.get("tensor")
-            else value
-            for key, value in entry.items()
-        }
-    opt.load_state_dict({"param_groups": packed["param_groups"], "state": state})
-
-
-def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
-    return out

@@ -1,0 +1,164 @@
+"""The state of an H-PD run and its checkpoint on disk.
+
+A checkpoint is one safetensors file, ``checkpoint.safetensors``, holding every tensor of the
+state (latents, optimiser buffers, the best iterate of each stage, pending candidates, CRFD class
+means) and, in its metadata, the JSON of everything else; ``checkpoint.json`` is a readable copy
+of that JSON (never read back). Both are written to a temporary name and renamed into place, so
+a kill at any moment leaves the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "Candidate",
+    "RunState",
+    "config_diff",
+    "pack_optimizer",
+    "private_copy",
+    "read_checkpoint",
+    "unpack_optimizer",
+    "write_checkpoint",
+]
+
+FORMAT = "hpd_fast.HPDCheckpoint"
+VERSION = 1
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def private_copy(t: Tensor) -> Tensor:
+    """A detached private copy in the plain contiguous layout."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+@dataclass
+class Candidate:
+    """A scored (or to be scored) iterate: private copies of its latents."""
+
+    iteration: int
+    w: Tensor
+    f: Tensor
+
+
+class RunState:
+    """Everything that changes during :meth:`HPD.fit` (what a checkpoint holds)."""
+
+    def __init__(self) -> None:
+        self.stage = 1
+        self.iteration = 0
+        self.finished = False
+        self.w: Tensor = torch.empty(0)
+        self.f: Tensor = torch.empty(0)
+        self.syn_lr: Tensor = torch.zeros(())
+        self.opt: torch.optim.Optimizer | None = None
+        self.opt_lr: torch.optim.Optimizer | None = None
+        self.pending: list[Candidate] = []
+        self.best: dict[int, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    def best_score(self) -> float | None:
+        scores = [b["score"] for b in self.best.values() if b["score"] is not None]
+        return min(scores) if scores else None
+
+
+def pack_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor]) -> dict:
+    """Optimiser state: tensors go into ``tensors`` (``prefix.state.i.key``), the rest to JSON."""
+    sd = opt.state_dict()
+    state_json: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        state_json[str(idx)] = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{prefix}.state.{idx}.{key}"] = value
+                state_json[str(idx)][key] = {"tensor": True}
+            else:
+                state_json[str(idx)][key] = value
+    return {"param_groups": sd["param_groups"], "state": state_json}
+
+
+def unpack_optimizer(
+    opt: torch.optim.Optimizer,
+    packed: Mapping[str, Any],
+    prefix: str,
+    tensors: Mapping[str, Tensor],
+    device: torch.device,
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entry in packed["state"].items():
+        state[int(idx)] = {
+            key: tensors[f"{prefix}.state.{idx}.{key}"].to(device)
+            if isinstance(value, dict) and value.get("tensor")
+            else value
+            for key, value in entry.items()
+        }
+    opt.load_state_dict({"param_groups": packed["param_groups"], "state": state})
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
+    return out
+
+
+def write_checkpoint(directory: Path, tensors: Mapping[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (temporary name, then rename)."""
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    text = json.dumps(meta)
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata={"format": FORMAT, "state": text})
+    os.replace(tmp, directory / CHECKPOINT_FILE)  # a crash leaves the previous one intact
+    # A readable copy of the state (the safetensors file is the one that is read back).
+    tmp_json = directory / "checkpoint.json.tmp"
+    tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp_json, directory / "checkpoint.json")
+
+
+def read_checkpoint(
+    directory: Path, identity: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+    """``(meta, tensors)`` of the checkpoint in ``directory`` (None when there is none).
+
+    Raises:
+        ValueError: naming the file, when it is not an H-PD checkpoint, or when it belongs to
+            a run whose identity differs from ``identity`` (the message lists what differs).
+    """
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        file_meta = fh.metadata() or {}
+        # Fresh (aligned) copies: the kernels may round differently on the file buffer's
+        # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
+        tensors = {k: private_copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if file_meta.get("format") != FORMAT or "state" not in file_meta:
+        raise ValueError(f"{str(path)!r} is not an H-PD checkpoint")
+    meta = json.loads(file_meta["state"])
+    if meta.get("config") != identity:
+        diff = config_diff(meta.get("config", {}), identity)
+        raise ValueError(
+            f"checkpoint_dir {str(directory)!r} holds a checkpoint of a different "
+            f"run ({'; '.join(diff[:6])}); use another directory or delete it"
+        )
+    return meta, tensors
