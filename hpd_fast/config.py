@@ -653,8 +653,11 @@ def _apply(obj: Any, data: Mapping[str, Any], where: str, path: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {dotted!r} must be a table of settings")
             _apply(getattr(obj, norm), value, where, f"{dotted}.")
-        elif norm == "per_algorithm":
-            setattr(obj, norm, _check_per_algorithm(value, f"{where}: {dotted!r}"))
+        elif norm == "per_algorithm":  # merged: a file may set one value of one algorithm
+            table = copy.deepcopy(obj.per_algorithm)
+            for alg, values in _check_per_algorithm(value, f"{where}: {dotted!r}").items():
+                table.setdefault(alg, {}).update(values)
+            obj.per_algorithm = table
         else:
             setattr(obj, norm, check_value(f, tp, value, f"{where}: key {dotted!r}"))
 
