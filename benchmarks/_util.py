@@ -172,30 +172,16 @@ def stats_of(benchmark: Any) -> dict[str, float] | None:
 _PEAK_MARK = "__HPD_PEAK_MEMORY__"
 
 _CHILD = """\
-import json as _json, resource as _resource, sys as _sys
+import json as _json
 
-def _status_kb(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-def _maxrss_kb():
-    r = _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss
-    return r // 1024 if _sys.platform == "darwin" else r
+from hpd_fast._common import maxrss_kib as _maxrss_kb
+from hpd_fast._common import reset_peak_memory as _reset_peak_memory
+from hpd_fast._common import status_kib as _status_kb
 
 {setup}
 
-try:  # reset the high-water mark, so that the setup's transients are not counted
-    with open("/proc/self/clear_refs", "w") as _f:
-        _f.write("5")
-    _reset = True
-except OSError:
-    _reset = False
+# Reset the high-water mark, so that the setup's transients are not counted.
+_reset = _reset_peak_memory()
 _before = _status_kb("VmRSS")
 _before = _maxrss_kb() if _before is None else _before
 

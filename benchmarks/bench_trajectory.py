@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpd_fast._common import reset_peak_memory, status_kib
 from hpd_fast.augment import DSA
 from hpd_fast.distill.trajectory import batch_schedule, trajectory_matching_loss
 from hpd_fast.models.convnet import ConvNet
@@ -231,20 +232,10 @@ def run_once(work: dict, mode: str, syn_steps: int) -> float:
 
 def _proc_status_bytes(field: str) -> int:
     """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    kib = status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not found in /proc/self/status")
+    return kib * 1024
 
 
 def _mem_available_bytes() -> int:
@@ -268,7 +259,7 @@ def _measure_in_this_process(mode: str, syn_steps: int, ipc: int, device: str) -
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_cuda = torch.cuda.memory_allocated() if device != "cpu" else 0
-    _reset_peak_rss()
+    reset_peak_memory()
     before = _proc_status_bytes("VmRSS")
     t0 = time.perf_counter()
     try:

@@ -15,7 +15,6 @@ same weights and sees the same augmentation stream as its synthetic-set counterp
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpd_fast._checks import check_int
+from hpd_fast._common import (
+    Augment,
+    derive_seed,
+    logger,
+    progress_bar,
+    resolve_augment,
+    test_accuracy,
+)
 from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
@@ -38,14 +45,6 @@ __all__ = ["BASELINES", "EVAL_MODELS", "evaluate", "train_and_test"]
 EVAL_MODELS = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
 BASELINES = ("random_real",)
 
-Augment = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-def _derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from the parts (independent of Python's hash randomisation)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
 
 def _lr_at(step: int, total: int, lr: float, warmup_steps: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay towards 0."""
@@ -53,41 +52,6 @@ def _lr_at(step: int, total: int, lr: float, warmup_steps: int) -> float:
         return lr * (step + 1) / warmup_steps
     frac = (step - warmup_steps) / max(1, total - warmup_steps)
     return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def _as_augment(augment: Any) -> Augment | None:
-    """Resolve the ``augment`` argument to a callable ``f(x, seed)`` or None."""
-    if augment is None:
-        return None
-    if augment is DSA:
-        return DSA()
-    if isinstance(augment, str):
-        if augment.strip().lower() in ("", "none"):
-            return None
-        if augment.strip().lower() == "dsa":
-            return DSA()
-        return DSA(strategy=augment)  # a strategy string such as "color_crop_cutout"
-    if callable(augment):
-        return augment
-    raise ValueError(
-        "augment must be a DSA instance, a callable f(x, seed), a DSA strategy string, 'dsa' "
-        f"or None, got {type(augment).__name__}"
-    )
-
-
-@torch.no_grad()
-def _test_accuracy(
-    net: nn.Module, dataset: DistillData, device: torch.device, batch_size: int
-) -> float:
-    """Top-1 accuracy (percent) of ``net`` on ``dataset``'s test split, in eval mode."""
-    net.eval()
-    correct = 0
-    n = dataset.test_images.shape[0]
-    for start in range(0, n, batch_size):
-        xb = dataset.test_images[start : start + batch_size].to(device, torch.float32)
-        yb = dataset.test_labels[start : start + batch_size].to(device)
-        correct += int((net(xb).argmax(1) == yb).sum())
-    return 100.0 * correct / max(1, n)
 
 
 def train_and_test(
@@ -149,7 +113,7 @@ def train_and_test(
             step += 1
         if on_epoch is not None:
             on_epoch()
-    return _test_accuracy(net, dataset, images.device, test_batch_size)
+    return test_accuracy(net, dataset, images.device, test_batch_size)
 
 
 def _check_inputs(
@@ -227,7 +191,7 @@ def evaluate(
     augment: DSA | Augment | str | type[DSA] | None = "dsa",
     seed: int = 0,
     baseline: str | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     device: torch.device | str | None = None,
     *,
     momentum: float = 0.9,
@@ -262,7 +226,10 @@ def evaluate(
         baseline: None, or "random_real": also run the protocol on
             ``dataset.random_real(ipc, seed)`` with ``ipc = max(1, round(M / K))``, with the same
             network seeds.
-        progress: show a tqdm bar (one tick per training epoch).
+        progress: True: a tqdm bar (one tick per training epoch); None: the bar when stderr
+            is a terminal, otherwise one INFO line per trained network through
+            ``logging.getLogger("hpd_fast")`` (model, set, run r/N, test accuracy); False
+            (default): neither.
         device: where to train; default: the device of ``images``.
         test_batch_size: test images scored per forward pass (under no_grad, eval mode).
         model_kwargs: per-architecture constructor arguments, e.g. ``{"ConvNet": {"width": 64}}``.
@@ -305,7 +272,7 @@ def evaluate(
     stray = [k for k in model_kwargs if k not in models]
     if stray:
         raise ValueError(f"model_kwargs names model(s) {stray} that are not in models")
-    aug = _as_augment(augment)
+    aug, _ = resolve_augment(augment)
     dev = torch.device(device) if device is not None else images.device
 
     k = dataset.num_classes
@@ -327,27 +294,23 @@ def evaluate(
         torch.set_num_threads(check_int("num_threads", num_threads, 1))
     start = time.perf_counter()
     try:
-        from tqdm.auto import tqdm
-
         rank, world = rank_and_size(group)
         jobs = [(name, key, r) for name in models for key in sets for r in range(num_eval)]
         mine = [j for j in range(len(jobs)) if j % world == rank]
-        bar = tqdm(
-            total=len(mine) * epochs,
-            desc="evaluate",
-            unit="epoch",
-            disable=not progress,
+        bar, log_lines = progress_bar(
+            progress, total=len(mine) * epochs, desc="evaluate", unit="epoch"
         )
         accs_all = torch.zeros(len(jobs), dtype=torch.float64)
         with bar:
             for j in mine:
                 name, key, r = jobs[j]
+                t0 = time.perf_counter()
                 x, y = sets[key]
                 kw = dict(model_kwargs.get(name, {}))
                 # Initialise on the CPU from a forked RNG: same weights on any device,
                 # and the caller's global RNG state is untouched.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(_derive_seed(seed, name, r, "init"))
+                    torch.manual_seed(derive_seed(seed, name, r, "init"))
                     net = get_model(name, dataset.channels, k, dataset.im_size, **kw)
                 net = net.to(dev)
                 acc = train_and_test(
@@ -359,7 +322,7 @@ def evaluate(
                     lr=lr,
                     batch_size=batch_size,
                     augment=aug,
-                    seed=_derive_seed(seed, name, r, "train"),
+                    seed=derive_seed(seed, name, r, "train"),
                     momentum=momentum,
                     weight_decay=weight_decay,
                     warmup=warmup,
@@ -368,6 +331,16 @@ def evaluate(
                 )
                 accs_all[j] = acc
                 bar.set_postfix_str(f"{name} {key} run {r + 1}/{num_eval}: {acc:.1f}%")
+                if log_lines:
+                    logger.info(
+                        "evaluate %s %s run %d/%d: test accuracy %.1f%%, %.1f s",
+                        name,
+                        key,
+                        r + 1,
+                        num_eval,
+                        acc,
+                        time.perf_counter() - t0,
+                    )
         if group is not None:  # each run was done by exactly one rank: the sum gathers them
             both = accs_all.to(dev if dev.type == "cuda" else "cpu")
             torch.distributed.all_reduce(both, group=group)

@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hpd_fast._common import MAX_AUG_SEED, Augment, derive_seed
 from hpd_fast.augment import DSA
 from hpd_fast.data.dataset import DistillData
-from hpd_fast.distill.losses import Augment, derive_seed, layer_features, random_network
+from hpd_fast.distill.losses import layer_features, random_network
 from hpd_fast.ops.class_mean_distance import ClassMeanAccumulator, class_mean_distance
 
 __all__ = ["CRFD"]
-
-_MAX_AUG_SEED = 2**31 - 1
 
 
 class CRFD:
@@ -126,7 +125,7 @@ class CRFD:
         self._features = [layer_features(net) for net in self.nets]
         # Synthetic-side augmentation seeds: the same for every candidate and every call.
         self.syn_seeds = [
-            derive_seed(seed, "crfd-syn-aug", r) % _MAX_AUG_SEED for r in range(syn_augments)
+            derive_seed(seed, "crfd-syn-aug", r) % MAX_AUG_SEED for r in range(syn_augments)
         ]
         if real_means is not None:
             self.real_means = [[t.to(self.device, torch.float32) for t in m] for m in real_means]
@@ -159,7 +158,7 @@ class CRFD:
                     x = images[start : start + self.batch_size].to(self.device, torch.float32)
                     if self.augment is not None:
                         x = self.augment(
-                            x, derive_seed(self.seed, "crfd-real", i, p, b) % _MAX_AUG_SEED
+                            x, derive_seed(self.seed, "crfd-real", i, p, b) % MAX_AUG_SEED
                         )
                     acc.update(list(feats(x)), labels[start : start + self.batch_size])
             self.counts = acc.counts

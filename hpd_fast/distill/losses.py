@@ -24,7 +24,6 @@ default, as in the published metric.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpd_fast._common import Augment, derive_seed
 from hpd_fast.models import get_model
 from hpd_fast.ops.class_mean_distance import class_mean_distance
 
@@ -46,8 +46,6 @@ __all__ = [
     "random_network",
 ]
 
-#: ``augment(x [B, C, H, W], seed) -> [B, C, H', W']``, differentiable in ``x``.
-Augment = Callable[[Tensor, int], Tensor]
 #: ``features(x [B, C, H, W]) -> [B, ...]`` or a list of such tensors (one per layer).
 FeatureFn = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
@@ -57,12 +55,6 @@ _COS_EPS = 1e-6  # added to the norm product, as in the published metric
 # --------------------------------------------------------------------------------------------
 # seeds and random networks
 # --------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from ``parts`` (independent of Python's hash randomisation)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def random_network(

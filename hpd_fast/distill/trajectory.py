@@ -33,7 +33,7 @@ constants (expert checkpoints).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hpd_fast._common import MAX_AUG_SEED, Augment
 from hpd_fast._distributed import rank_and_size
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotPlan, check_max_snapshots
 from hpd_fast.ops.trajectory_ops import adjoint_update, param_match_loss, sgd_step
@@ -50,13 +51,7 @@ from hpd_fast.params import check_replayable, functional_forward
 
 __all__ = ["MODES", "TrajectorySchedule", "batch_schedule", "trajectory_matching_loss"]
 
-#: Augmentation callable: ``augment(x [B, C, H, W], seed: int) -> [B, C, H', W']``.
-Augment = Callable[[Tensor, int], Tensor]
-
 MODES = ("exact", "first_order", "unrolled")
-
-# Augmentation seeds are drawn in [0, 2**31 - 1) so that any consumer (numpy, CUDA RNGs) accepts.
-_MAX_AUG_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,7 @@ def batch_schedule(
         if not chunks:
             chunks = list(torch.randperm(num_images, generator=gen).split(batch))
         indices.append(chunks.pop(0))
-        aug_seeds.append(int(torch.randint(0, _MAX_AUG_SEED, (), generator=gen)))
+        aug_seeds.append(int(torch.randint(0, MAX_AUG_SEED, (), generator=gen)))
     return TrajectorySchedule(tuple(indices), tuple(aug_seeds))
 
 

@@ -1,5 +1,38 @@
-"""Expert trajectories (see :mod:`hpd_fast.experts.train`)."""
+"""Expert trajectories: networks trained on real data, their flat parameters kept every epoch.
 
-from hpd_fast.experts.train import *  # noqa: F403
-from hpd_fast.experts.train import __all__  # noqa: F401
-from hpd_fast.experts.train import _init_net, _read_expert, _Stream, _vmap_probe  # noqa: F401
+Trajectory matching needs, for a student architecture, many "expert" training runs on the real
+dataset: expert ``k`` is a vector of parameters ``θ_k[e]`` (the :func:`hpd_fast.params.flatten_params`
+layout) at initialisation (``e = 0``) and after each of ``epochs`` epochs, i.e. a float32
+tensor ``[epochs + 1, P]``.
+
+Modules:
+    :mod:`~hpd_fast.experts.train`: :func:`train_experts` (the recipe, seeds, vmap).
+    :mod:`~hpd_fast.experts.trajectories`: the :class:`Experts` object.
+    :mod:`~hpd_fast.experts.format`: the files (:data:`FORMAT`, :func:`expert_path`,
+    :func:`load`).
+    :mod:`~hpd_fast.experts.cache`: the expert cache (:func:`cached_experts`,
+    :func:`cache_path`, :func:`cache_root`).
+"""
+
+from hpd_fast.experts.cache import cache_path, cache_root, cache_settings, cached_experts
+from hpd_fast.experts.format import FORMAT, VERSION, expert_path, load
+from hpd_fast.experts.train import train_experts
+from hpd_fast.experts.trajectories import Experts
+
+# Private helpers the tests reach as hpd_fast.experts._name (hpd_fast.experts.format,
+# .train and .trajectories hold the rest).
+from hpd_fast.experts.format import _read_expert  # noqa: F401  # isort: skip
+from hpd_fast.experts.train import _init_net, _Stream, _vmap_probe  # noqa: F401  # isort: skip
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Experts",
+    "cache_path",
+    "cache_root",
+    "cache_settings",
+    "cached_experts",
+    "expert_path",
+    "load",
+    "train_experts",
+]

@@ -1,0 +1,193 @@
+"""The on-disk format of expert trajectories.
+
+A folder holds one safetensors file per expert, ``expert_00000.safetensors``, ..., each with
+the tensors ``trajectory`` [epochs + 1, P] (float32) and ``train_loss`` [epochs] and string
+metadata: the format and version, the expert index, its final test accuracy and a JSON
+``config`` (model name and constructor arguments, dataset name / shape / fingerprint, training
+settings, the parameter layout). Files are written atomically (temporary name, then rename), so
+an interrupted run leaves only complete experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from hpd_fast.experts.trajectories import Experts, _LazyTrajectories
+
+__all__ = ["FORMAT", "VERSION", "expert_path", "load"]
+
+FORMAT = "hpd_fast.experts"
+VERSION = 1
+
+_FILE_RE = re.compile(r"^expert_(\d+)\.safetensors$")
+# Settings that must agree for stored experts to be reused (the rest is informational).
+_COMPATIBLE_KEYS = ("model", "dataset", "training", "layout", "num_params")
+
+
+def expert_path(out: str | os.PathLike[str], index: int) -> Path:
+    """File of expert ``index`` inside the folder ``out``: ``out/expert_00042.safetensors``."""
+    return Path(out) / f"expert_{index:05d}.safetensors"
+
+
+def _save_expert(
+    path: Path, traj: Tensor, losses: Tensor, config: Mapping[str, Any], index: int, test_acc: float
+) -> None:
+    """Write one expert atomically: a temporary file, then a rename."""
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "index": str(index),
+        "test_accuracy": repr(float(test_acc)),
+        "config": json.dumps(config, sort_keys=True),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(
+        {"trajectory": traj.contiguous(), "train_loss": losses.contiguous()},
+        str(tmp),
+        metadata=meta,
+    )
+    os.replace(tmp, path)
+
+
+def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two (nested) configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            if key == "layout":
+                out.append(f"{prefix}{key} (parameter names/shapes)")
+            else:
+                out.append(f"{prefix}{key}: stored {va!r}, requested {vb!r}")
+    return out
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not an expert trajectory file (format={meta.get('format')!r}, "
+            f"expected {FORMAT!r}; write them with hpd_fast.experts.train_experts or "
+            "`hpd-fast experts`)"
+        )
+    if int(meta.get("version", "0")) > VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format version {meta['version']}, newer than this hpd_fast "
+            f"reads ({VERSION}); upgrade hpd_fast"
+        )
+    if "trajectory" not in keys or "config" not in meta:
+        raise ValueError(f"{str(path)!r} lacks the 'trajectory' tensor or its config")
+    return meta
+
+
+def _read_expert(
+    path: Path, lazy: bool = False
+) -> tuple[dict[str, Any], Tensor | None, float | None]:
+    """(config, trajectory [E + 1, P] or None when lazy, test accuracy) of one file."""
+    from safetensors import safe_open
+
+    meta = _read_meta(path)
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} has a malformed config: {exc}") from None
+    with safe_open(str(path), framework="pt") as f:
+        shape = list(f.get_slice("trajectory").get_shape())
+        traj = None if lazy else f.get_tensor("trajectory")
+    want = [int(config["training"]["epochs"]) + 1, int(config["num_params"])]
+    if shape != want:
+        raise ValueError(
+            f"{str(path)!r}: trajectory has shape {shape} but its config says {want} "
+            "(epochs + 1, P)"
+        )
+    acc = meta.get("test_accuracy")
+    return config, traj, (float(acc) if acc not in (None, "None") else None)
+
+
+def load(path: str | os.PathLike[str], *, lazy: bool = False) -> Experts:
+    """Read expert trajectories written by :func:`train_experts`.
+
+    Args:
+        path: a folder of ``expert_*.safetensors`` files (all are read, in index order), or
+            one such file.
+        lazy: keep only the file names and read trajectories on access
+            (``experts.trajectories[i]`` reads one file; :meth:`Experts.pair` reads two rows).
+            For expert sets larger than memory.
+
+    Returns:
+        :class:`Experts`; use :meth:`Experts.check_student` (or :meth:`Experts.make_student`)
+        before matching a student against them.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder without expert files.
+        ValueError: a file that is not an expert trajectory file, or files made with
+            different settings.
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(
+            (int(m.group(1)), p / name)
+            for name in os.listdir(p)
+            if (m := _FILE_RE.match(name)) is not None
+        )
+        if not found:
+            raise FileNotFoundError(
+                f"no expert trajectories in {str(p)!r} (expected expert_00000.safetensors, ... "
+                "written by hpd_fast.experts.train_experts or `hpd-fast experts`)"
+            )
+    elif p.is_file():
+        m = _FILE_RE.match(p.name)
+        found = [(int(m.group(1)) if m else 0, p)]
+    else:
+        raise FileNotFoundError(
+            f"no expert trajectories at {str(p)!r}: no such file or folder (train them with "
+            "`hpd-fast experts --out PATH` or hpd_fast.experts.train_experts(..., out=PATH))"
+        )
+    config = None
+    trajs: list[Tensor] = []
+    accs: list[float | None] = []
+    for _, file in found:
+        cfg, traj, acc = _read_expert(file, lazy=lazy)
+        if config is None:
+            config = cfg
+        else:
+            diff = _config_diff(
+                {k: config.get(k) for k in _COMPATIBLE_KEYS},
+                {k: cfg.get(k) for k in _COMPATIBLE_KEYS},
+            )
+            if diff:
+                raise ValueError(
+                    f"{str(file)!r} was trained with different settings than "
+                    f"{str(found[0][1])!r}: " + "; ".join(diff[:6])
+                )
+        if traj is not None:
+            trajs.append(traj)
+        accs.append(acc)
+    assert config is not None
+    files = [f for _, f in found]
+    trajectories: Sequence[Tensor] = _LazyTrajectories(files) if lazy else trajs
+    return Experts(
+        trajectories,
+        config,
+        indices=[i for i, _ in found],
+        test_accuracy=accs,
+        path=p if p.is_dir() else p.parent,
+    )
