@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any
 
@@ -33,7 +34,9 @@ def check_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
         ValueError: naming ``name``, when ``value`` is not a finite real number or is out of
             range.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # numbers.Real admits numpy integers and floats (np.float32 is not a float subclass);
+    # bool and numpy.bool_ are refused (the latter is not registered as a number).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

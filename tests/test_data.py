@@ -412,6 +412,7 @@ def test_imagefolder_errors(tmp_path):
 
     r = tmp_path / "r3"
     _png(r / "a" / "0")
+    _png(r / "a" / "2")  # three images: the 20% holdout keeps one for test
     (r / "a" / "1.png").write_bytes(b"garbage, not a png")
     with pytest.raises(ValueError, match=r"cannot read image .*1\.png"):
         load("imagefolder", r, resolution=4)

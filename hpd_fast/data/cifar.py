@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpd_fast.data._common import check_resolution, normalize_, resize
+from hpd_fast.data._common import check_resolution, isdir_checked, normalize_, resize
 from hpd_fast.data.dataset import DistillData
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "load_cifar"]
@@ -53,7 +53,14 @@ def _find_folder(root: str | os.PathLike[str], spec: dict[str, Any]) -> str:
     root = os.fspath(root)
     first = spec["train"][0]
     for cand in (root, os.path.join(root, spec["folder"])):
-        if os.path.isfile(os.path.join(cand, first)):
+        path = os.path.join(cand, first)
+        try:
+            os.stat(path)
+        except PermissionError as e:  # not "missing": say what cannot be read
+            raise PermissionError(f"cannot access {path!r}: permission denied") from e
+        except OSError:
+            continue
+        if os.path.isfile(path):
             return cand
     raise FileNotFoundError(
         f"expected {spec['folder']}/{first} under {root!r} (the python version of "
@@ -62,14 +69,211 @@ def _find_folder(root: str | os.PathLike[str], spec: dict[str, Any]) -> str:
     )
 
 
-def _unpickle(path: str, title: str) -> dict[Any, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"expected {title} file {path!r}; nothing is downloaded")
+# --------------------------------------------------------------------------------------------
+# Reading the archives without executing anything from them
+# --------------------------------------------------------------------------------------------
+#
+# The official python-version archives are pickles (protocol 2, written by Python 2) of dicts
+# holding bytes/str keys, lists of ints, lists of bytes and one uint8 numpy array. Unpickling an
+# array calls ``numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')`` and restores
+# its state, with its dtype built by ``numpy.dtype('u1', 0, 1)`` (newer NumPy writes
+# ``numpy._core.multiarray._reconstruct``; Python 3 at protocol <= 2 writes bytes as
+# ``_codecs.encode(str, 'latin1')``). Those are the only globals admitted, and none of them is
+# the real function: each returns an inert placeholder that records its arguments and state.
+# After unpickling, the placeholders are turned into arrays with ``numpy.frombuffer`` for plain
+# numeric dtypes only. No object from the file is ever called, and nothing else can be named:
+# any other global (``os.system``, ``builtins.eval``, ...) is refused before it is looked up.
+
+
+class _Global:
+    """An admitted global: inert, immutable (no attributes, BUILD refused)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("a global's state cannot be set in a CIFAR archive")
+
+
+class _ArrayType(_Global):
+    """Stands for ``numpy.ndarray`` (an instance, not a type: NEWOBJ cannot build it)."""
+
+    __slots__ = ()
+
+
+class _ArrayStub:
+    """An array recorded by ``_reconstruct(ndarray, shape, typecode)`` + BUILD(state)."""
+
+    __slots__ = ("args", "state")
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _DTypeStub:
+    """A dtype recorded by ``dtype(code, align, copy)`` + BUILD(state)."""
+
+    __slots__ = ("args", "state")
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _Reconstruct(_Global):
+    """Stands for ``numpy.core.multiarray._reconstruct``: records its arguments."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> _ArrayStub:
+        return _ArrayStub(args)
+
+
+class _DType(_Global):
+    """Stands for ``numpy.dtype``: records its arguments."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> _DTypeStub:
+        return _DTypeStub(args)
+
+
+class _Latin1Encode(_Global):
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol <= 2: ``(str, 'latin1')`` only."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> bytes:
+        if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("_codecs.encode is only admitted as encode(str, 'latin1')")
+        return args[0].encode("latin-1")
+
+
+_NDARRAY = _ArrayType()
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _Reconstruct(),
+    ("numpy._core.multiarray", "_reconstruct"): _Reconstruct(),
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DType(),
+    ("_codecs", "encode"): _Latin1Encode(),
+}
+
+# Plain numeric dtypes an array in the archive may have (no objects, records or sub-arrays).
+_ARRAY_KINDS = "biuf"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only the globals of :data:`_ALLOWED_GLOBALS`; no persistent ids."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(
+                f"it references {module}.{name}, which a CIFAR archive does not hold (only "
+                "dicts, lists, bytes, str, ints and numeric numpy arrays are read; nothing in "
+                "the file is executed)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not admitted in a CIFAR archive")
+
+
+def _text(v: Any) -> str:
+    return v.decode("latin-1") if isinstance(v, bytes) else v if isinstance(v, str) else ""
+
+
+def _make_dtype(d: Any) -> np.dtype:
+    if not isinstance(d, _DTypeStub) or not d.args:
+        raise ValueError(f"an array's dtype is {type(d).__name__}, not a numpy dtype")
+    code = _text(d.args[0])
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as e:  # unpickling raises many types on corrupt input
-        raise ValueError(f"{path!r} is not a readable {title} pickle: {e}") from e
+        dt = np.dtype(code)
+    except TypeError:
+        raise ValueError(f"unsupported array dtype code {d.args[0]!r}") from None
+    if dt.kind not in _ARRAY_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise ValueError(f"unsupported array dtype {d.args[0]!r} (only numeric dtypes are read)")
+    st = d.state
+    if st is not None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not isinstance(st, tuple) or len(st) < 8 or any(x is not None for x in st[2:5]):
+            raise ValueError(f"unsupported dtype state {st!r}")
+        order = _text(st[1])
+        if order not in ("<", ">", "|", "="):
+            raise ValueError(f"unsupported dtype byte order {st[1]!r}")
+        if order in "<>":
+            dt = dt.newbyteorder(order)
+    return dt
+
+
+def _make_array(a: _ArrayStub) -> np.ndarray:
+    if len(a.args) < 1 or a.args[0] is not _NDARRAY:
+        raise ValueError("an array reconstruction names something other than numpy.ndarray")
+    st = a.state
+    # (version, shape, dtype, is_fortran, raw bytes)
+    if not isinstance(st, tuple) or len(st) != 5:
+        raise ValueError("an array without its state")
+    _, shape, dtype, fortran, raw = st
+    dt = _make_dtype(dtype)
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise ValueError(f"an array with shape {shape!r}")
+    if not isinstance(raw, bytes):
+        raise ValueError(f"an array whose data is {type(raw).__name__}, not raw bytes")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(raw) != count * dt.itemsize:
+        raise ValueError(
+            f"an array of shape {list(shape)} {dt} holds {len(raw)} bytes, expected "
+            f"{count * dt.itemsize}"
+        )
+    arr = np.frombuffer(raw, dtype=dt, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _materialize(obj: Any, depth: int = 0) -> Any:
+    """Replace the placeholders in the unpickled tree by numpy arrays (containers rebuilt)."""
+    if depth > 8:
+        raise ValueError("nested deeper than a CIFAR archive")
+    if isinstance(obj, _ArrayStub):
+        return _make_array(obj)
+    if isinstance(obj, (_DTypeStub, _Global)):
+        raise ValueError("a bare numpy dtype, type or function where data was expected")
+    if isinstance(obj, dict):
+        return {_materialize(k, depth + 1): _materialize(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, depth + 1) for v in obj)
+    return obj
+
+
+def _open_file(path: str, what: str):  # noqa: ANN202 (a binary file object)
+    """``open(path, "rb")``, with errors that say which file and why."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    except PermissionError as e:
+        raise PermissionError(f"cannot read {what} {path!r}: permission denied") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"expected {what} {path!r}; nothing is downloaded") from e
+    except IsADirectoryError as e:
+        raise IsADirectoryError(f"{what} {path!r} is a directory, not a file") from e
+    except OSError as e:
+        raise OSError(f"cannot read {what} {path!r}: {e}") from e
+
+
+def _unpickle(path: str, title: str) -> dict[Any, Any]:
+    """One archive file as a dict, read by :class:`_CifarUnpickler` (nothing is executed)."""
+    with _open_file(path, f"{title} file") as f:
+        try:
+            obj = _materialize(_CifarUnpickler(f, encoding="bytes").load())
+        except Exception as e:  # unpickling raises many types on corrupt or hostile input
+            raise ValueError(f"{path!r} is not a readable {title} pickle: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} should hold a dict, holds {type(obj).__name__}")
     # Archives written by Python 3 may use str keys; accept both.
@@ -129,7 +333,10 @@ def load_cifar(
 
     Raises:
         FileNotFoundError: root missing or a file absent (the message says what was expected).
-        ValueError: a file that is not a CIFAR pickle of the expected layout.
+        PermissionError: a file or folder that cannot be read (named).
+        ValueError: a file that is not a CIFAR pickle of the expected layout, including one
+            that references anything but plain data and numeric numpy arrays (the files are
+            read by a restricted unpickler: nothing in them is executed), or an empty split.
     """
     spec = _SPECS[name]
     resolution = check_resolution(resolution)
@@ -138,7 +345,7 @@ def load_cifar(
             f"root is required for {name!r}: the folder holding {spec['folder']}/ (the python "
             f"version of {spec['title']}); nothing is downloaded"
         )
-    if not os.path.isdir(root):
+    if not isdir_checked(root):
         raise FileNotFoundError(
             f"root {os.fspath(root)!r} for {name!r} is not a directory; expected it to hold "
             f"{spec['folder']}/ (the python version of {spec['title']}); nothing is downloaded"

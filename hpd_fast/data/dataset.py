@@ -56,6 +56,13 @@ class DistillData:
                     f"{split}_labels has {y.shape[0]} entries but {split}_images has "
                     f"{x.shape[0]} images"
                 )
+            if x.shape[0] == 0:
+                # An empty test split would "evaluate" to 0% accuracy; an empty train split
+                # has nothing to distill. Refuse both rather than report a number.
+                raise ValueError(
+                    f"{split} split holds no image ({split}_images has shape "
+                    f"{tuple(x.shape)}); every dataset needs at least one {split} image"
+                )
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
                 raise ValueError(f"{split}_labels must lie in [0, {k}) for {k} class names")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:

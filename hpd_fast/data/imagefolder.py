@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from hpd_fast.data._common import check_resolution, normalize_, stratified_holdout
+from hpd_fast._checks import check_int
+from hpd_fast.data._common import check_resolution, isdir_checked, normalize_, stratified_holdout
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.data.subsets import SUBSET_ALIASES, subset_classes
 
@@ -30,24 +31,33 @@ TEST_SPLIT_NAMES = ("val", "test")
 HOLDOUT_FRACTION = 0.2
 
 
+def _scan(path: str) -> list[os.DirEntry[str]]:
+    """The entries of folder ``path``; errors name the folder (permission stays permission)."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except PermissionError as e:
+        raise PermissionError(f"cannot list folder {path!r}: permission denied") from e
+    except OSError as e:
+        raise OSError(f"cannot list folder {path!r}: {e}") from e
+
+
 def _subdirs(path: str) -> list[str]:
     """Sorted names of the visible subdirectories of ``path``."""
-    with os.scandir(path) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in _scan(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def _image_files(folder: str) -> list[str]:
     """Sorted paths of the image files directly inside ``folder``."""
-    if not os.path.isdir(folder):
+    if not isdir_checked(folder):
         raise FileNotFoundError(f"expected a class folder {folder!r} (images inside it)")
-    with os.scandir(folder) as it:
-        names = sorted(
-            e.name
-            for e in it
-            if e.is_file()
-            and not e.name.startswith(".")
-            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-        )
+    names = sorted(
+        e.name
+        for e in _scan(folder)
+        if e.is_file()
+        and not e.name.startswith(".")
+        and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+    )
     if not names:
         raise ValueError(
             f"class folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
@@ -75,7 +85,15 @@ def _load_image(path: str, resolution: int) -> np.ndarray:
             left = int(round((nw - resolution) / 2.0))
             img = img.crop((left, top, left + resolution, top + resolution))
             arr = np.array(img, dtype=np.uint8)  # a writable copy
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except PermissionError as e:  # a permission problem, not a malformed image
+        raise PermissionError(f"cannot read image {path!r}: permission denied") from e
+    except FileNotFoundError as e:  # removed while loading
+        raise FileNotFoundError(f"image {path!r} disappeared while loading: {e}") from e
+    except Image.DecompressionBombError as e:  # not an OSError: it would not name the file
+        raise ValueError(
+            f"cannot read image {path!r}: refused as a possible decompression bomb: {e}"
+        ) from e
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from e
     return arr.transpose(2, 0, 1)
 
@@ -83,9 +101,10 @@ def _load_image(path: str, resolution: int) -> np.ndarray:
 def _load_split(files: list[str], resolution: int, num_workers: int | None) -> torch.Tensor:
     """float32 pixels [N, 3, r, r] in [0, 1] for the listed files (order kept)."""
     out = torch.empty((len(files), 3, resolution, resolution), dtype=torch.uint8)
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    if workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if num_workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    else:
+        workers = check_int("num_workers", num_workers, 1)
 
     def work(i: int) -> None:
         out[i] = torch.from_numpy(_load_image(files[i], resolution))
@@ -103,11 +122,11 @@ def _load_split(files: list[str], resolution: int, num_workers: int | None) -> t
 def _split_dirs(root: str) -> tuple[str, str | None]:
     """(train dir, test dir) when ``root`` has ``train/``; (root, None) for one split folder."""
     train = os.path.join(root, "train")
-    if not os.path.isdir(train):
+    if not isdir_checked(train):
         return root, None
     for name in TEST_SPLIT_NAMES:
         cand = os.path.join(root, name)
-        if os.path.isdir(cand):
+        if isdir_checked(cand):
             return train, cand
     raise FileNotFoundError(
         f"{root!r} has train/ but no val/ or test/ with class subfolders; pass the train folder "
@@ -115,11 +134,9 @@ def _split_dirs(root: str) -> tuple[str, str | None]:
     )
 
 
-def _check_max(max_per_class: int | None) -> None:
-    if max_per_class is not None and (
-        isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1
-    ):
-        raise ValueError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
+def _check_max(max_per_class: int | None) -> int | None:
+    """``max_per_class`` as a positive ``int`` (numpy integers accepted) or None."""
+    return None if max_per_class is None else check_int("max_per_class", max_per_class, 1)
 
 
 def _build(
@@ -137,7 +154,13 @@ def _build(
         # One split folder: a fixed 20% per class is the test set (same rule as digits).
         files = [p for fs in per_class for p in fs]
         labels = np.repeat(np.arange(len(folders)), [len(fs) for fs in per_class])
-        tr, te = stratified_holdout(labels, len(folders), HOLDOUT_FRACTION, seed=0)
+        tr, te = stratified_holdout(
+            labels,
+            len(folders),
+            HOLDOUT_FRACTION,
+            seed=0,
+            names=[f"class folder {os.path.join(train_dir, f)}" for f in folders],
+        )
         test_files = [files[i] for i in te]
         test_labels = labels[te].tolist()
         per_class = [[] for _ in folders]
@@ -169,7 +192,7 @@ def _check_root(root: str | os.PathLike[str] | None, what: str) -> str:
     if root is None:
         raise ValueError(f"root is required for {what}: a folder of class subfolders")
     root = os.fspath(root)
-    if not os.path.isdir(root):
+    if not isdir_checked(root):
         raise FileNotFoundError(f"root {root!r} for {what} is not a directory")
     return root
 
@@ -206,7 +229,7 @@ def load_imagefolder(
     """
     root = _check_root(root, "'imagefolder'")
     resolution = check_resolution(resolution, DEFAULT_RESOLUTION)
-    _check_max(max_per_class)
+    max_per_class = _check_max(max_per_class)
     train_dir, test_dir = _split_dirs(root)
     classes = _subdirs(train_dir)
     if not classes:
@@ -244,13 +267,13 @@ def load_imagenet_subset(
     classes = subset_classes(name)
     root = _check_root(root, repr(name))
     resolution = check_resolution(resolution, DEFAULT_RESOLUTION)
-    _check_max(max_per_class)
+    max_per_class = _check_max(max_per_class)
     train_dir, test_dir = _split_dirs(root)
     wnids = [w for w, _ in classes]
     for d in (train_dir, test_dir):
         if d is None:
             continue
-        missing = [w for w in wnids if not os.path.isdir(os.path.join(d, w))]
+        missing = [w for w in wnids if not isdir_checked(os.path.join(d, w))]
         if missing:
             raise FileNotFoundError(
                 f"{name!r} needs the WordNet-id folders {missing} under {d!r} "

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from hpd_fast._checks import check_int
 from hpd_fast.data.cifar import load_cifar
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.data.digits import load_digits
@@ -72,10 +73,8 @@ def load(
         raise ValueError(f"name must be a str, got {type(name).__name__}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if max_per_class is not None and (
-        isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1
-    ):
-        raise ValueError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
+    if max_per_class is not None:  # numpy integers are ints too
+        max_per_class = check_int("max_per_class", max_per_class, 1)
     if key == "digits":
         data = load_digits(resolution)
     elif key in ("cifar10", "cifar100"):
