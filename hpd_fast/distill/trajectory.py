@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hpd_fast._checks import check_int
 from hpd_fast._common import MAX_AUG_SEED, Augment
 from hpd_fast._distributed import rank_and_size
 from hpd_fast.distill.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotPlan, check_max_snapshots
@@ -410,8 +411,8 @@ def _validate(
     mode: str,
     seed: int | None,
     snapshot_device: str | torch.device | None,
-) -> torch.device | None:
-    """Raise ``TypeError``/``ValueError`` naming the offending argument; return snapshot device."""
+) -> _Validated:
+    """Raise ``TypeError``/``ValueError`` naming the offending argument; return the checked ints."""
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
     if mode not in MODES:
@@ -425,6 +426,8 @@ def _validate(
     ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_meta:
+            raise ValueError(f"{name} is a meta tensor (shape only, no data); pass real values")
 
     if images.dim() != 4:
         raise ValueError(f"images must be 4-D [M, C, H, W], got shape {tuple(images.shape)}")
@@ -438,6 +441,12 @@ def _validate(
         raise ValueError(f"syn_lr must be a 0-dim (scalar) tensor, got shape {tuple(syn_lr.shape)}")
     if not syn_lr.is_floating_point():
         raise TypeError(f"syn_lr must be floating point, got {syn_lr.dtype}")
+    if syn_lr.dtype != images.dtype:
+        # Mixed precision would silently compute the steps and the gradient in another dtype.
+        raise TypeError(
+            f"syn_lr has dtype {syn_lr.dtype} but images have dtype {images.dtype}; pass syn_lr "
+            f"in the images' dtype (e.g. syn_lr.to({images.dtype}))"
+        )
 
     num_params = sum(p.numel() for p in student.parameters())
     for name, p in (("start_params", start_params), ("target_params", target_params)):
@@ -446,6 +455,11 @@ def _validate(
         if p.numel() != num_params:
             raise ValueError(
                 f"{name} has {p.numel()} elements but the student has P={num_params} parameters"
+            )
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{name} must be floating point (expert parameters), got {p.dtype}; an integer "
+                "or boolean trajectory is not a checkpoint of real-valued weights"
             )
         if p.dtype != images.dtype:
             raise TypeError(f"{name} has dtype {p.dtype}, expected images' dtype {images.dtype}")
@@ -464,18 +478,18 @@ def _validate(
         if dev != images.device:
             raise ValueError(f"{name} is on {dev} but images is on {images.device}")
 
-    if isinstance(syn_steps, bool) or not isinstance(syn_steps, int) or syn_steps < 1:
-        raise ValueError(f"syn_steps must be an int >= 1, got {syn_steps!r}")
-    if batch_syn is not None and (
-        isinstance(batch_syn, bool)
-        or not isinstance(batch_syn, int)
-        or not 1 <= batch_syn <= num_images
-    ):
-        raise ValueError(
-            f"batch_syn must be None or an int in [1, {num_images}], got {batch_syn!r}"
-        )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+    syn_steps = check_int("syn_steps", syn_steps, 1)  # numpy integers are ints too
+    if batch_syn is not None:
+        batch_syn = check_int("batch_syn", batch_syn, 1)
+        if batch_syn > num_images:
+            raise ValueError(
+                f"batch_syn must be None or an int in [1, {num_images}], got {batch_syn!r}"
+            )
+    if seed is not None:
+        try:
+            seed = check_int("seed", seed, -(2**63))
+        except ValueError as exc:
+            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}") from exc
     if augment is not None and not callable(augment):
         raise TypeError("augment must be None or a callable augment(x, seed)")
 
@@ -490,6 +504,8 @@ def _validate(
         check_replayable(student)
     except ValueError as exc:
         raise ValueError(f"student cannot be replayed: {exc}") from exc
+    if mode != "unrolled":  # the replaying modes recompute every step: it must be the same one
+        _check_not_stochastic(student)
 
     if not bool((start_params != target_params).any()):
         raise ValueError(
@@ -499,6 +515,9 @@ def _validate(
     # Number of classes from one single-image forward (labels are checked against it).
     with torch.no_grad():
         logits = functional_forward(student, start_params.detach(), images[:1].detach())
+        if mode != "unrolled":  # anything random that the type check above cannot see
+            again = functional_forward(student, start_params.detach(), images[:1].detach())
+            _check_same_forward(logits, again)
     if logits.dim() != 2:
         raise ValueError(f"student must return logits [B, K], got shape {tuple(logits.shape)}")
     num_classes = logits.shape[1]
@@ -519,7 +538,65 @@ def _validate(
             raise ValueError(f"hard labels must be 1-D [M], got shape {tuple(labels.shape)}")
         if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
             raise ValueError(f"labels must lie in [0, {num_classes}) (the student's classes)")
-    return snap_dev
+    return _Validated(snap_dev, syn_steps, batch_syn, seed)
+
+
+@dataclass(frozen=True)
+class _Validated:
+    """What :func:`_validate` hands back: the snapshot device and the ints as Python ints."""
+
+    snapshot_device: torch.device | None
+    syn_steps: int
+    batch_syn: int | None
+    seed: int | None
+
+
+#: Modules that draw random numbers on every forward in training mode.
+_STOCHASTIC_TYPES: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _check_not_stochastic(student: nn.Module) -> None:
+    """Refuse random layers in training mode: a replayed step would draw other numbers.
+
+    (Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout with ``p > 0``; RReLU.)
+    """
+    bad = []
+    for name, m in student.named_modules():
+        if not m.training or not isinstance(m, _STOCHASTIC_TYPES):
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0:
+            continue
+        if isinstance(m, nn.RReLU) and m.lower == m.upper:
+            continue
+        bad.append(f"{name or '<student>'} ({type(m).__name__})")
+    if bad:
+        raise ValueError(
+            f"student cannot be replayed: {', '.join(bad)} draw(s) random numbers on every "
+            "forward in training mode, so the replayed steps of mode='exact'/'first_order' "
+            "would differ from the forward sweep and the gradient would be wrong. Call .eval() "
+            "on these modules (or the student), remove them, or use mode='unrolled'."
+        )
+
+
+def _check_same_forward(a: Tensor, b: Tensor) -> None:
+    """Two identical calls of the student must agree (to CUDA kernel nondeterminism)."""
+    if a.shape == b.shape:
+        if a.device.type == "cpu" and torch.equal(a, b):
+            return
+        if a.device.type != "cpu":
+            scale = float(a.abs().max()) if a.numel() else 0.0
+            if torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(scale, 1.0), equal_nan=True):
+                return
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+    else:
+        diff = float("nan")
+    raise ValueError(
+        "student cannot be replayed: two identical forward calls gave different outputs "
+        f"(largest difference {diff:.3g}); a stochastic layer in training mode (e.g. "
+        "F.dropout in forward) would make the replayed steps of mode='exact'/'first_order' "
+        "differ from the forward sweep. Make the student deterministic (.eval()) or use "
+        "mode='unrolled'."
+    )
 
 
 def _check_group(
@@ -667,7 +744,7 @@ def trajectory_matching_loss(
     Raises:
         TypeError, ValueError: on bad input, naming the argument.
     """
-    snap_dev = _validate(
+    checked = _validate(
         student,
         images,
         labels,
@@ -681,7 +758,9 @@ def trajectory_matching_loss(
         seed,
         snapshot_device,
     )
-    check_max_snapshots(max_snapshots)
+    snap_dev = checked.snapshot_device
+    syn_steps, batch_syn, seed = checked.syn_steps, checked.batch_syn, checked.seed
+    max_snapshots = check_max_snapshots(max_snapshots)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     if group is not None:
