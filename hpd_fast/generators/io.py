@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from hpd_fast.generators.convgen import ConvGenerator
 
@@ -115,20 +116,69 @@ def load_generator(
     """
     weights, config = _paths(path)
     for p in (weights, config):
-        if not p.is_file():
+        try:
+            found = p.is_file()
+        except PermissionError as e:  # a folder on the way cannot be searched
+            raise PermissionError(f"cannot access generator file {str(p)!r}: {e}") from e
+        if not found:
             raise FileNotFoundError(
                 f"generator file {str(p)!r} not found (need both .safetensors and .json)"
             )
-    meta = json.loads(config.read_text())
-    if meta.get("format") != _FORMAT:
+    meta = _read_config(config)
+    try:
+        G = ConvGenerator(**meta["kwargs"], mean=meta["mean"], std=meta["std"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(config)!r}: the generator it describes cannot be built: {e}") from e
+    state = _read_weights(weights, map_location)
+    try:
+        G.load_state_dict(state, strict=True)
+    except RuntimeError as e:
         raise ValueError(
-            f"{str(config)!r} is not a {_FORMAT} config (format={meta.get('format')!r})"
-        )
-    G = ConvGenerator(**meta["kwargs"], mean=meta["mean"], std=meta["std"])
-    state = load_file(str(weights), device=str(map_location))
-    G.load_state_dict(state, strict=True)
+            f"{str(weights)!r} does not hold the weights of the generator described by "
+            f"{str(config)!r}: {e}"
+        ) from e
     G.training_config = meta.get("training")
     return G.to(map_location).eval()
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    """The file's bytes; a permission problem is reported as one, naming the file."""
+    try:
+        return path.read_bytes()
+    except PermissionError as e:
+        raise PermissionError(f"cannot read {what} {str(path)!r}: permission denied") from e
+    except OSError as e:
+        raise OSError(f"cannot read {what} {str(path)!r}: {e}") from e
+
+
+def _read_config(config: Path) -> dict[str, Any]:
+    """The JSON config next to the weights, checked; every error names the file."""
+    text = _read_bytes(config, "generator config")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(config)!r} is not a valid JSON generator config: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{str(config)!r} is not a {_FORMAT} config (format={fmt!r})")
+    missing = [k for k in ("kwargs", "mean", "std") if k not in meta]
+    if missing:
+        raise ValueError(f"{str(config)!r} lacks the key(s) {missing}")
+    if not isinstance(meta["kwargs"], dict):
+        raise ValueError(f"{str(config)!r}: 'kwargs' must be a JSON object")
+    return meta
+
+
+def _read_weights(weights: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The safetensors state dict (no pickle); a truncated or malformed file names itself."""
+    from safetensors import SafetensorError
+
+    data = _read_bytes(weights, "generator weights")
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{str(weights)!r} is not a readable safetensors file: {e}") from e
+    return {k: v.to(map_location) for k, v in state.items()}
 
 
 def pretrained(name: str = "digits") -> ConvGenerator:

@@ -285,10 +285,29 @@ def load_stylegan_pickle(
     if isinstance(path, str) and "://" in path:
         raise ValueError(f"path must be a local file, got the URL {path!r} (nothing is downloaded)")
     p = Path(path)
-    if not p.is_file():
+    try:
+        found = p.is_file()
+    except PermissionError as e:  # a folder on the way cannot be searched
+        raise PermissionError(f"cannot access network pickle {str(p)!r}: {e}") from e
+    if not found:
         raise FileNotFoundError(f"no such network pickle: {str(p)!r}")
-    with p.open("rb") as fh:
-        obj = pickle.load(fh)  # noqa: S301 - explicit opt-in above
+    try:
+        fh = p.open("rb")
+    except PermissionError as e:
+        raise PermissionError(f"cannot read network pickle {str(p)!r}: permission denied") from e
+    except OSError as e:
+        raise OSError(f"cannot read network pickle {str(p)!r}: {e}") from e
+    with fh:
+        try:
+            obj = pickle.load(fh)  # noqa: S301 - explicit opt-in above
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"{str(p)!r} needs the module {e.name!r} (the official StyleGAN code, e.g. "
+                "dnnlib and torch_utils, must be importable)",
+                name=e.name,
+            ) from e
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{str(p)!r} is not a readable network pickle: {e}") from e
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
