@@ -3,18 +3,24 @@
 On disk (``DistillResult.save(dir)``)::
 
     dir/tensors.safetensors   images, labels, w, f (chosen set) and stage{k}.images / .w / .f
-                              (the best iterate of every stage)
+                              (the best iterate of every stage) and, when the result holds
+                              them, real.images / real.labels (random real images)
     dir/summary.json          chosen stage and iterate, scores history, losses, timings, config
+                              (and class_names when known)
     dir/grid_chosen.png       the chosen images, one row per class
     dir/grid_stage{k}.png     the best images of stage k
+    dir/overview.png          a column per class: random real, every stage's best, the chosen
+    dir/stages.png            loss per step and selection score per stage
 
-Tensors are written with safetensors (no pickle); :meth:`DistillResult.load` reads them back.
+The figures are drawn by :mod:`hpd_fast.figures` (the CLI writes the same folder through
+:meth:`DistillResult.save`). Each file is written beside its name and renamed into place.
+Tensors are written with safetensors (no pickle); :meth:`DistillResult.load` reads them back,
+also from folders written before the real images and class names were saved.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from hpd_fast.figures import save_figures, save_grid
 
 __all__ = ["DistillResult", "save_grid"]
 
@@ -50,6 +58,10 @@ class DistillResult:
         timings: seconds: ``"total"``, ``"setup"``, ``"select"`` and ``"stage{k}"``.
         config: the settings of the run (JSON-able).
         mean, std: per-channel normalisation of the dataset (for de-normalised pictures).
+        real_images: optional float32 ``[ipc * K, C, H, W]`` random real training images,
+            normalised like the dataset (``dataset.random_real(ipc, seed)``), for the overview.
+        real_labels: their classes, int64 ``[ipc * K]``; given together with ``real_images``.
+        class_names: optional name of every class (``dataset.class_names``), for the figures.
     """
 
     images: Tensor
@@ -68,6 +80,21 @@ class DistillResult:
     config: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    real_images: Tensor | None = None
+    real_labels: Tensor | None = None
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.real_images is None) != (self.real_labels is None):
+            raise ValueError("real_images and real_labels are given together (or neither)")
+        x, y = self.real_images, self.real_labels
+        if x is not None and y is not None and (x.dim() != 4 or tuple(y.shape) != x.shape[:1]):
+            raise ValueError(
+                f"real_images must be [N, C, H, W] and real_labels [N]; got "
+                f"{tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        if self.class_names is not None:
+            self.class_names = [str(c) for c in self.class_names]
 
     @property
     def score(self) -> float | None:
@@ -104,10 +131,15 @@ class DistillResult:
             "config": self.config,
             "mean": list(self.mean),
             "std": list(self.std),
+            **({} if self.class_names is None else {"class_names": self.class_names}),
         }
 
-    def save(self, directory: str | os.PathLike[str], *, grids: bool = True) -> Path:
-        """Write tensors (safetensors), a JSON summary and PNG grids into ``directory``.
+    def save(self, directory: str | os.PathLike[str], *, figures: bool = True) -> Path:
+        """Write tensors (safetensors), a JSON summary and the figures into ``directory``:
+        the same folder ``hpd-fast distill`` writes (see the module docstring).
+
+        Args:
+            figures: also draw the PNGs (:func:`hpd_fast.figures.save_figures`).
 
         Returns:
             The directory as a ``Path`` (created if needed).
@@ -124,22 +156,18 @@ class DistillResult:
             tensors[f"stage{k}.images"] = self.stage_images[k]
             tensors[f"stage{k}.w"] = self.stage_w[k]
             tensors[f"stage{k}.f"] = self.stage_f[k]
+        if self.real_images is not None and self.real_labels is not None:
+            tensors["real.images"] = self.real_images
+            tensors["real.labels"] = self.real_labels
         tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-        save_file(tensors, str(out / "tensors.safetensors"), metadata={"format": _FORMAT})
-        (out / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
-        if grids:
-            save_grid(
-                self.denormalized(),
-                self.labels,
-                out / "grid_chosen.png",
-                title=f"chosen: stage {self.stage}, iterate {self.iteration}",
-            )
-            for k, imgs in sorted(self.stage_images.items()):
-                best = self.stage_best.get(k, {})
-                title = f"stage {k}, iterate {best.get('iteration')}"
-                if best.get("score") is not None:
-                    title += f", score {best['score']:.4g}"
-                save_grid(self.denormalized(imgs), self.labels, out / f"grid_stage{k}.png", title)
+        tmp = out / "tensors.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT})
+        os.replace(tmp, out / "tensors.safetensors")
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        os.replace(tmp, out / "summary.json")
+        if figures:
+            save_figures(self, out)
         return out
 
     @classmethod
@@ -172,52 +200,7 @@ class DistillResult:
             config=meta["config"],
             mean=tuple(meta["mean"]),
             std=tuple(meta["std"]),
+            real_images=t.get("real.images"),
+            real_labels=t.get("real.labels"),
+            class_names=meta.get("class_names"),
         )
-
-
-def save_grid(
-    pixels: Tensor, labels: Tensor, path: str | os.PathLike[str], title: str | None = None
-) -> None:
-    """Save images as a PNG grid, one row per class (matplotlib, no display needed).
-
-    Args:
-        pixels: float ``[M, C, H, W]`` in [0, 1] (C = 1 is shown in grey, C = 3 as RGB).
-        labels: int ``[M]``; images are grouped by label, one row per class present.
-        path: output file (``.png``).
-        title: optional figure title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    pixels = pixels.detach().float().cpu().clamp(0, 1)
-    labels = labels.detach().cpu()
-    classes = sorted(set(labels.tolist()))
-    rows = [(labels == c).nonzero().flatten().tolist() for c in classes]
-    ncols = max(len(r) for r in rows)
-    order = [i for r in rows for i in r]
-    if ncols == 1:
-        # One image per class: the classes side by side, up to 10 per row.
-        ncols = min(10, len(order))
-        rows = [order[i : i + ncols] for i in range(0, len(order), ncols)]
-    elif len(rows) * ncols > 400 or ncols > 20:
-        # Large sets: a near-square layout instead of one row per class.
-        ncols = math.ceil(math.sqrt(len(order)))
-        rows = [order[i : i + ncols] for i in range(0, len(order), ncols)]
-    nrows = len(rows)
-    fig = Figure(figsize=(max(3.0, 0.7 * ncols), max(1.0, 0.7 * nrows + (0.4 if title else 0))))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for r, idxs in enumerate(rows):
-        for cidx in range(ncols):
-            ax = axes[r][cidx]
-            ax.set_axis_off()
-            if cidx < len(idxs):
-                img = pixels[idxs[cidx]]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                else:
-                    ax.imshow(img[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.savefig(str(path), dpi=80)
