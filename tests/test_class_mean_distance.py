@@ -486,3 +486,55 @@ def test_kernel_ops_refuse_or_ignore_out_of_range_labels(device, backend):
     ok = labels < s
     torch.testing.assert_close(out[ok], scale[labels[ok]].unsqueeze(1) * diff[labels[ok]])
     assert torch.equal(out[~ok], torch.zeros_like(out[~ok]))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def _no_index_add(monkeypatch):
+    """index_add_ adds with float atomics on CUDA (a different sum each run): forbid it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("index_add_ used: not a fixed-order reduction on the GPU")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", refuse)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_class_means_and_accumulator_use_the_fixed_order_kernels(monkeypatch, device, backend):
+    """ClassMeanAccumulator (CRFD's real-data targets) and class_means reduce through the
+    library's bucketed kernels, run to run identical, on every kernel backend."""
+    feats, labels, _ = make(53, [(4, 3), (7,)], 6, device=device)
+    want_means = [torch.stack([f[labels == c].double().mean(0) for c in range(6)]) for f in feats]
+    _no_index_add(monkeypatch)
+    runs = []
+    for _ in range(2):
+        acc = ClassMeanAccumulator(6, backend=backend)
+        for part in torch.arange(53, device=device).split(20):
+            acc.update([f[part] for f in feats], labels[part])
+        runs.append(acc.means(torch.float64))
+        assert acc.counts.tolist() == torch.bincount(labels.cpu(), minlength=6).double().tolist()
+    for a, b, want in zip(*runs, want_means):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, want)
+    means, counts = class_means(feats[0], labels, 6, backend=backend)
+    again, _ = class_means(feats[0], labels, 6, backend=backend)
+    assert torch.equal(means, again)
+    torch.testing.assert_close(means.double(), want_means[0])
+    x = feats[0].detach().clone().requires_grad_()
+    means, _ = class_means(x, labels, 6, backend=backend)
+    w = torch.arange(12.0, device=device).view(4, 3)
+    (grad,) = torch.autograd.grad((means * w).sum(), x)
+    torch.testing.assert_close(grad, w / counts[labels].view(-1, 1, 1))
+
+
+@pytest.mark.skipif(not INFO["cpp"]["available"], reason="hpd_fast._C not built")
+def test_default_backend_of_class_means_is_not_index_add(monkeypatch):
+    """backend=None chooses a kernel (cpp here, cuda or triton for CUDA tensors), as
+    class_mean_distance does: never the atomics of index_add_."""
+    _no_index_add(monkeypatch)
+    x, y = torch.randn(10, 3), torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 0])
+    acc = ClassMeanAccumulator(3)
+    acc.update(x, y)
+    means, _ = class_means(x, y, 3)
+    torch.testing.assert_close(means, acc.means())

@@ -72,7 +72,9 @@ def _check_labels(labels: Tensor, n: int, device: torch.device) -> Tensor:
 
 
 def _check_label_range(labels: Tensor, num_segments: int) -> None:
-    # Data-dependent: skipped while torch.compile traces (the kernels check it themselves).
+    # Data-dependent: skipped while torch.compile traces. The kernels check it themselves: the
+    # C++ CPU kernels raise, the CUDA kernels fail a device-side assert, the Triton forward fails
+    # in scatter_add_ and its backward never reads out of bounds.
     if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(labels.min()), int(labels.max())
@@ -356,11 +358,43 @@ def class_mean_distance(
     return dist.sum() if reduction == "sum" else dist
 
 
-def class_means(features: Tensor, labels: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+def _segment_means(
+    feats: list[Tensor], labels: Tensor, s: int, acc: torch.dtype, backend: str | None
+) -> tuple[list[Tensor], Tensor]:
+    """Per-segment means ``[S, D_l]`` of every layer and the counts ``[S]``, in ``acc``.
+
+    Through the library's own bucketed kernels (the op with zero targets: its ``diff`` output
+    is the mean), whose sums run in a fixed order: the same numbers run after run on every
+    device, where ``index_add_`` would add with float atomics on CUDA. ``index_add_`` is left
+    to the reference backend (CPU without the C++ build, or a func transform).
+    """
+    device = labels.device
+    chosen = "reference"
+    if s > 0 and not _backend.under_func_transform():
+        chosen = _backend.select_backend("class_mean_distance", device, backend)
+    if chosen == "reference":
+        counts = _segment_counts(labels, s, acc)
+        inv = 1.0 / counts.clamp(min=1).unsqueeze(1)
+        return [_segment_sums(f, labels, s, acc) * inv for f in feats], counts
+    if chosen == "triton":
+        op = _triton_ops()
+    else:
+        op = torch.ops.hpd_fast.class_mean_distance
+    feats = [f if f.dtype == acc or acc == torch.float32 else f.to(acc) for f in feats]
+    zeros = [torch.zeros(s, f.shape[1], dtype=acc, device=device) for f in feats]
+    _, diff, counts = op(feats, labels, zeros)
+    cols = [0, *itertools.accumulate(f.shape[1] for f in feats)]
+    return [diff[:, a:b] for a, b in itertools.pairwise(cols)], counts
+
+
+def class_means(
+    features: Tensor, labels: Tensor, num_segments: int, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-segment means of ``features`` ``[N, ...]`` -> (``[S, ...]`` means, ``[S]`` counts).
 
-    Accumulates in fp32 (fp64 for fp64 input); an empty segment has mean 0 and count 0.
-    Differentiable with respect to ``features``.
+    Accumulates in fp32 (fp64 for fp64 input) in a fixed order (deterministic on the GPU too);
+    an empty segment has mean 0 and count 0. Differentiable with respect to ``features``.
+    ``backend`` as in :func:`class_mean_distance`.
     """
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -370,9 +404,7 @@ def class_means(features: Tensor, labels: Tensor, num_segments: int) -> tuple[Te
         raise ValueError(f"num_segments must be a non-negative int, got {num_segments!r}")
     _check_label_range(labels, num_segments)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    sums = _segment_sums(feats[0], labels, num_segments, acc)
-    counts = _segment_counts(labels, num_segments, acc)
-    means = sums / counts.clamp(min=1).unsqueeze(1)
+    (means,), counts = _segment_means(feats, labels, num_segments, acc, backend)
     return means.reshape(num_segments, *features.shape[1:]), counts
 
 
@@ -385,13 +417,16 @@ class ClassMeanAccumulator:
     >>> targets = acc.means()          # list of [S, D_l], ready for class_mean_distance
 
     ``update`` accepts one tensor or a list of layers (the same number every call); sums are kept
-    in float64 so long streams lose no precision. ``counts`` is ``[S]`` (float64).
+    in float64 so long streams lose no precision. ``counts`` is ``[S]`` (float64). Each batch
+    is reduced by the library's fixed-order kernels (``backend`` as in
+    :func:`class_mean_distance`), so the means are the same run after run, on the GPU too.
     """
 
-    def __init__(self, num_segments: int) -> None:
+    def __init__(self, num_segments: int, *, backend: str | None = None) -> None:
         if not isinstance(num_segments, int) or isinstance(num_segments, bool) or num_segments < 1:
             raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
         self.num_segments = num_segments
+        self.backend = backend
         self._sums: list[Tensor] | None = None
         self._shapes: list[torch.Size] | None = None
         self._single = True
@@ -422,9 +457,11 @@ class ClassMeanAccumulator:
                     f"features[{i}] has {f.shape[1]} values per row on {f.device}; earlier "
                     f"updates had {total.shape[1]} on {total.device}"
                 )
-        for f, total in zip(feats, self._sums):  # then change state (all or nothing)
-            total.index_add_(0, labels, f.to(torch.float64))
-        self.counts.index_add_(0, labels, torch.ones(n, dtype=torch.float64, device=device))
+        wide = [f.to(torch.float64) for f in feats]
+        means, counts = _segment_means(wide, labels, s, torch.float64, self.backend)
+        for m, total in zip(means, self._sums):  # then change state (all or nothing)
+            total.addcmul_(m, counts.unsqueeze(1))  # batch sums: mean * count, in fp64
+        self.counts.add_(counts)
 
     def means(self, dtype: torch.dtype = torch.float32) -> Tensor | list[Tensor]:
         """Per-segment means, ``[S, ...]`` per layer (a list when updates gave lists).
