@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on a CUDA machine, in stages of under ten minutes each:
 #
+#   bash benchmarks/run_cuda.sh check      # what the machine must have (run first by every stage)
 #   bash benchmarks/run_cuda.sh build      # CUDA extension against the machine's torch, info
-#   bash benchmarks/run_cuda.sh test       # the test suite on CUDA tensors (CUDA + Triton)
+#   bash benchmarks/run_cuda.sh test       # the kernel ops' tests on CUDA tensors (CUDA + Triton)
+#   bash benchmarks/run_cuda.sh test_all   # the whole test suite (longer than one stage's cap)
 #   bash benchmarks/run_cuda.sh ops        # feature distance + student block benchmarks
 #   bash benchmarks/run_cuda.sh traj1      # trajectory matching, IPC 1, 10-80 steps
 #   bash benchmarks/run_cuda.sh traj10     # trajectory matching, IPC 10, 10-80 steps
@@ -19,6 +21,57 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-}
 stage_log() { echo "== $1 ($(date +%H:%M:%S))"; }
+
+# The tests of the GPU paths (the fused ops, the dispatcher): the `test` stage, inside its cap.
+OP_TESTS="tests/test_class_mean_distance.py tests/test_instance_norm_relu_pool.py
+  tests/test_trajectory_ops.py tests/test_backend_cases.py tests/test_build.py"
+
+check() {  # fail fast, saying what is missing, before minutes of device time go to a build
+  "$PY" - <<'PY' || { echo "run_cuda.sh: the machine lacks what is listed above" >&2; return 3; }
+import importlib
+import shutil
+import sys
+
+need = {
+    "torch": "torch >= 2.11 built with CUDA", "triton": "triton >= 3.6", "setuptools": "setuptools",
+    "ninja": "ninja", "numpy": "numpy", "safetensors": "safetensors", "tqdm": "tqdm",
+    "pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "matplotlib": "matplotlib",
+    "sklearn": "scikit-learn", "PIL": "Pillow",
+}
+problems = []
+for module, what in need.items():
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"missing {what} (import {module}: {exc})")
+if not problems:
+    import torch
+    import triton
+
+    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+    if version(torch.__version__) < (2, 11) or not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}): need >= 2.11 with CUDA")
+    elif not torch.cuda.is_available():
+        problems.append("torch sees no CUDA device")
+    if version(triton.__version__) < (3, 6):
+        problems.append(f"triton {triton.__version__}: need >= 3.6")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+        problems.append("no CUDA toolkit (nvcc on PATH or CUDA_HOME) to build the CUDA kernels")
+if not shutil.which("ninja") and not problems:
+    problems.append("no ninja executable on PATH (the build uses it)")
+for p in problems:
+    print("run_cuda.sh check:", p, file=sys.stderr)
+if not problems:
+    import torch
+    import triton
+
+    print(f"run_cuda.sh check: torch {torch.__version__} CUDA {torch.version.cuda}, "
+          f"triton {triton.__version__}, {torch.cuda.get_device_name()}")
+sys.exit(1 if problems else 0)
+PY
+}
 
 save() {
   if [ -n "$OUT_DIR" ]; then
@@ -53,9 +106,15 @@ build() {
   run_logged info "$PY" -m hpd_fast info
 }
 
-tests() {
+tests() {  # the GPU paths' tests, slowest reported (inside STAGE_SECONDS under `all`)
   stage_log test
-  run_logged tests "$PY" -m pytest -q -p no:cacheprovider tests
+  # shellcheck disable=SC2086
+  run_logged tests "$PY" -m pytest -q -p no:cacheprovider --durations=10 $OP_TESTS
+}
+
+tests_all() {
+  stage_log test_all
+  run_logged tests_all "$PY" -m pytest -q -p no:cacheprovider --durations=20 tests
 }
 
 ops() {
@@ -76,9 +135,15 @@ traj() {  # IPC
   save
 }
 
-case "${1:-all}" in
+stage=${1:-all}
+case "$stage" in
+  check | build | test | test_all | ops | traj1 | traj10 | all) check || exit 3 ;;
+esac
+case "$stage" in
+  check) ;;
   build) build ;;
   test) tests ;;
+  test_all) tests_all ;;
   ops) ops ;;
   traj1) traj 1 ;;
   traj10) traj 10 ;;
@@ -91,7 +156,7 @@ case "${1:-all}" in
     ops
     ;;
   *)
-    echo "usage: $0 build|test|ops|traj1|traj10|all" >&2
+    echo "usage: $0 check|build|test|test_all|ops|traj1|traj10|all" >&2
     exit 2
     ;;
 esac
