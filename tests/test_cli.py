@@ -162,8 +162,10 @@ def test_distill_end_to_end(tmp_path, tiny_generator, capsys):
     assert m["time_s"]["total"] > 0 and m["peak_memory_mib"] > 0
     assert m["experts"]["num_experts"] == 2 and m["experts"]["epochs"] == 3
     # config file, then command line: seed 3 (flag) beats 5 (config); config values applied
-    assert m["command"]["seed"] == 3
-    assert m["command"]["iterations_per_stage"] == 1 and m["command"]["eval_epochs"] == 2
+    run_config = m["run_config"]
+    assert run_config["seed"] == 3 and run_config["preset"] == "digits"
+    assert run_config["hpd"]["iterations_per_stage"] == 1 and run_config["eval"]["epochs"] == 2
+    assert run_config["hpd"]["mtt"]["syn_steps"] == 2 and run_config["experts"]["num_experts"] == 2
     assert m["hpd_config"]["iterations_per_stage"] == 1 and m["hpd_config"]["seed"] == 3
     assert m["evaluation"]["epochs"] == 2 and m["evaluation"]["num_eval"] == 1
 
@@ -287,14 +289,23 @@ def test_bench_lists_suites(capsys):
 
 @pytest.mark.parametrize(("text", "value"), [("all", None), ("ALL", None), ("8", 8)])
 def test_max_snapshots_reaches_hpd(text, value):
-    """``--max-snapshots all`` means every snapshot (None), a number that budget."""
+    """``--max-snapshots all`` means every snapshot (None), a number that budget; without the
+    option the configuration's default (32) reaches HPD."""
     from hpd_fast import cli
+    from hpd_fast.distill import HPD
 
-    ns = build_parser().parse_args(["distill", "--algorithm", "mtt", "--max-snapshots", text])
-    kwargs = cli._hpd_kwargs(cli._resolve(cli._COMMANDS["distill"], ns))
-    assert kwargs["max_snapshots"] == value
-    ns = build_parser().parse_args(["distill", "--algorithm", "mtt"])
-    assert "max_snapshots" not in cli._hpd_kwargs(cli._resolve(cli._COMMANDS["distill"], ns))
+    def settings(argv):
+        ns = build_parser().parse_args(argv)
+        return cli._COMMANDS["distill"].resolve(ns, cli._COMMANDS)[0]
+
+    cfg = settings(["distill", "--algorithm", "dm", "--max-snapshots", text])
+    assert cfg.hpd.mtt.max_snapshots == value
+    data = hpd_fast.data.load("digits", max_per_class=3)
+    from hpd_fast.generators import pretrained
+
+    hpd = HPD(pretrained("digits"), data, cfg.hpd)
+    assert hpd.max_snapshots == value
+    assert settings(["distill"]).hpd.mtt.max_snapshots == 32
 
 
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:

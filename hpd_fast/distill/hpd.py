@@ -26,13 +26,12 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
+from hpd_fast._common import MAX_AUG_SEED, derive_seed, resolve_augment, tensor_fingerprint
 from hpd_fast._distributed import rank_and_size, sum_grad
 from hpd_fast.augment import DSA
 from hpd_fast.config import ALGORITHMS, SELECTIONS, HPDConfig, preset, preset_for, with_overrides
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
-from hpd_fast.distill.losses import dc_loss, derive_seed, dm_loss, random_network
+from hpd_fast.distill.losses import dc_loss, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
 from hpd_fast.distill.state import (
     Candidate,
@@ -64,7 +64,6 @@ from hpd_fast.render import render
 __all__ = ["ALGORITHMS", "HPD", "NonFiniteLossError", "SELECTIONS"]
 
 _LOG = logging.getLogger("hpd_fast")
-_MAX_AUG_SEED = 2**31 - 1
 _F_CLAMP = 10.0
 
 
@@ -73,38 +72,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-# --------------------------------------------------------------------------------------------
-# argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def _tensor_fingerprint(tensors: Sequence[Tensor]) -> str:
-    """A cheap identity of some tensors: shapes and a strided sample of their values."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach()
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        flat = t.reshape(-1)
-        stride = max(1, flat.numel() // 4096)
-        h.update(flat[::stride].to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _resolve_augment(augment: Any) -> DSA | Callable[..., Tensor] | None:
-    if augment is None or (isinstance(augment, str) and augment.lower() in ("", "none")):
-        return None
-    if augment is DSA or (isinstance(augment, str) and augment.lower() == "dsa"):
-        return DSA()
-    if isinstance(augment, str):
-        return DSA(strategy=augment)
-    if callable(augment):
-        return augment
-    raise ValueError(
-        "augment must be 'dsa', a DSA strategy string, a DSA instance, a callable "
-        f"augment(x, seed[, siamese]) or None, got {type(augment).__name__}"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +205,7 @@ class HPD:
         self.batch_real = cfg.match.batch_real
         self.model = cfg.match.model
         self.model_kwargs = dict(cfg.match.model_kwargs)
-        self.augment = _resolve_augment(cfg.augment)
+        self.augment = resolve_augment(cfg.augment)[0]
         sel = cfg.select
         self.select = sel.method
         self.select_every = sel.every
@@ -376,14 +343,14 @@ class HPD:
                 "num_train": len(self.dataset),
                 "num_classes": self.num_classes,
                 "image_shape": [self.dataset.channels, *self.dataset.im_size],
-                "fingerprint": _tensor_fingerprint(
+                "fingerprint": tensor_fingerprint(
                     [self.dataset.train_images, self.dataset.train_labels]
                 ),
             },
             "generator": {
                 "type": type(g).__name__,
                 "num_stages": g.num_stages,
-                "fingerprint": _tensor_fingerprint(list(g.state_dict().values())),
+                "fingerprint": tensor_fingerprint(list(g.state_dict().values())),
             },
         }
         if self.algorithm == "mtt":
@@ -467,7 +434,7 @@ class HPD:
             )
         net_seed = self._draw(gen, 2**62)
         real_x, real_y = self._real_batch(gen)
-        seeds = [self._draw(gen, _MAX_AUG_SEED) for _ in range(k)]
+        seeds = [self._draw(gen, MAX_AUG_SEED) for _ in range(k)]
         aug = self._aug_siamese if self.augment is not None else None
         labels = self.labels
         if self.group is not None:  # this rank's classes (the others contribute 0 here)
@@ -766,6 +733,9 @@ class HPD:
             chosen = max(st.best)
         stage_images = {k: self.render(b["w"], b["f"], k).cpu() for k, b in st.best.items()}
         b = st.best[chosen]
+        # Random real images at the same IPC (or fewer, for a smaller class), for the overview.
+        real_ipc = min(self.ipc, int(self.dataset.class_counts().min()))
+        real_x, real_y = self.dataset.random_real(real_ipc, self.seed)
         return DistillResult(
             images=stage_images[chosen].clone(),
             labels=self.labels.cpu(),
@@ -785,6 +755,9 @@ class HPD:
             config=dict(self.config),
             mean=tuple(self.dataset.mean),
             std=tuple(self.dataset.std),
+            real_images=real_x.detach().cpu().float(),
+            real_labels=real_y.detach().cpu(),
+            class_names=list(self.dataset.class_names),
         )
 
     # ------------------------------------------------------------------------- checkpoints

@@ -62,6 +62,9 @@ class DistillResult:
             normalised like the dataset (``dataset.random_real(ipc, seed)``), for the overview.
         real_labels: their classes, int64 ``[ipc * K]``; given together with ``real_images``.
         class_names: optional name of every class (``dataset.class_names``), for the figures.
+        run_config: the resolved :class:`hpd_fast.config.RunConfig` of the run that made it
+            (as a dict; :func:`hpd_fast.run.distill_run` fills it), so that
+            ``hpd-fast distill --config <dir>/summary.json`` repeats the run.
     """
 
     images: Tensor
@@ -83,6 +86,7 @@ class DistillResult:
     real_images: Tensor | None = None
     real_labels: Tensor | None = None
     class_names: list[str] | None = None
+    run_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.real_images is None) != (self.real_labels is None):
@@ -132,6 +136,7 @@ class DistillResult:
             "mean": list(self.mean),
             "std": list(self.std),
             **({} if self.class_names is None else {"class_names": self.class_names}),
+            **({} if self.run_config is None else {"run_config": self.run_config}),
         }
 
     def save(self, directory: str | os.PathLike[str], *, figures: bool = True) -> Path:
@@ -203,4 +208,5 @@ class DistillResult:
             real_images=t.get("real.images"),
             real_labels=t.get("real.labels"),
             class_names=meta.get("class_names"),
+            run_config=meta.get("run_config"),
         )

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "CheckpointMismatchError",
     "Candidate",
     "RunState",
     "config_diff",
@@ -36,6 +37,11 @@ __all__ = [
 FORMAT = "hpd_fast.HPDCheckpoint"
 VERSION = 1
 CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint folder holds a checkpoint of a different run (the message says what
+    differs)."""
 
 
 def private_copy(t: Tensor) -> Tensor:
@@ -157,7 +163,7 @@ def read_checkpoint(
     meta = json.loads(file_meta["state"])
     if meta.get("config") != identity:
         diff = config_diff(meta.get("config", {}), identity)
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint_dir {str(directory)!r} holds a checkpoint of a different "
             f"run ({'; '.join(diff[:6])}); use another directory or delete it"
         )

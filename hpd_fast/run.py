@@ -1,0 +1,445 @@
+"""Whole runs as library calls: what ``hpd-fast distill`` and ``hpd-fast evaluate`` do.
+
+:func:`distill_run` takes a :class:`~hpd_fast.config.RunConfig` and does the whole job — the
+dataset, the generator, the expert trajectories (trained into the cache when missing), H-PD,
+the output folder (tensors, summary, figures) and the evaluation against random real images
+(``metrics.json``) — so a Python user gets the folder a command-line user gets::
+
+    from hpd_fast.config import preset
+    from hpd_fast.run import distill_run
+
+    out = distill_run(preset("digits"))  # the main job, as `hpd-fast distill`
+    print(out.metrics["accuracy"]["ConvNet"])
+
+:func:`evaluate_run` evaluates a saved folder (``evaluation.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpd_fast.config import (
+    DataConfig,
+    EvalConfig,
+    GeneratorConfig,
+    RunConfig,
+    config_to_dict,
+    preset,
+)
+from hpd_fast.data.dataset import DistillData
+
+__all__ = [
+    "RunOutput",
+    "distill_run",
+    "evaluate_run",
+    "load_dataset",
+    "load_generator",
+    "peak_memory_mib",
+    "versions",
+]
+
+_LOG = logging.getLogger("hpd_fast")
+METRICS_FORMAT = "hpd_fast.metrics"
+
+
+@dataclass
+class RunOutput:
+    """What :func:`distill_run` made: the folder, the chosen set and the metrics."""
+
+    out: Path
+    result: Any  # hpd_fast.distill.DistillResult
+    metrics: dict[str, Any]
+    experts: Any = None
+
+
+def versions() -> dict[str, Any]:
+    """Versions of this library, torch and Python, and the platform (for the record)."""
+    import hpd_fast
+
+    return {
+        "hpd_fast": hpd_fast.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def peak_memory_mib() -> tuple[float, str]:
+    """Peak resident memory of this process in MiB and where it was read."""
+    from hpd_fast._common import peak_memory_mib as peak
+
+    return peak()
+
+
+def load_dataset(config: DataConfig) -> DistillData:
+    """The dataset a :class:`~hpd_fast.config.DataConfig` names (local files only)."""
+    from hpd_fast.data import load
+
+    _LOG.info("loading dataset %r%s", config.dataset, f" from {config.root}" if config.root else "")
+    return load(
+        config.dataset,
+        config.root,
+        resolution=config.resolution,
+        max_per_class=config.max_per_class,
+    )
+
+
+def load_generator(config: GeneratorConfig, data: DistillData, device: torch.device | str):
+    """The staged generator a :class:`~hpd_fast.config.GeneratorConfig` names, on ``device``.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the file or the option (``--generator``,
+            ``--allow-pickle``) when it cannot be loaded.
+    """
+    from hpd_fast import generators as G
+
+    spec = config.source
+    if spec == "pretrained":
+        try:
+            gen = G.pretrained(data.name)
+        except ValueError:
+            raise ValueError(
+                f"no pretrained generator ships for dataset {data.name!r} (only digits): pass "
+                "--generator PATH (a ConvGenerator saved with hpd_fast.generators.save_generator, "
+                "or a StyleGAN network pickle with --allow-pickle)"
+            ) from None
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"the shipped generator weights are missing: {exc}") from None
+    elif spec.endswith(".pkl"):
+        net = G.load_stylegan_pickle(spec, allow_pickle=config.allow_pickle)
+        gen = G.from_stylegan(
+            net, num_classes=data.num_classes, mean=data.mean, std=data.std, **config.kwargs
+        )
+    else:
+        gen = G.load_generator(spec)
+    return gen.to(device).eval()
+
+
+def _check_up_front(cfg: RunConfig) -> None:
+    """What can be refused before any long work starts."""
+    from hpd_fast.models import MODEL_NAMES
+
+    out = cfg.out_dir()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} exists and is not a folder")
+    for where, names in (("eval.models", cfg.eval.models if cfg.eval.enabled else []),):
+        unknown = [n for n in names if n not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}"
+            )
+    for where, name in (
+        ("experts.model", cfg.experts.model),
+        ("hpd.match.model", cfg.hpd.match.model),
+        ("hpd.select.crfd_model", cfg.hpd.select.crfd_model),
+    ):
+        if name not in MODEL_NAMES:
+            raise ValueError(f"{where}: unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+
+
+def _experts_info(experts: Any, seconds: float) -> dict[str, Any]:
+    accs = [a for a in experts.test_accuracy if a is not None]
+    return {
+        "path": str(experts.path),
+        "num_experts": len(experts),
+        "epochs": experts.epochs,
+        "model": experts.model_config,
+        "mean_test_accuracy": sum(accs) / len(accs) if accs else None,
+        "seconds": seconds,
+    }
+
+
+def _accuracy_summary(ev: dict[str, Any]) -> tuple[dict, dict, dict]:
+    models = ev["config"]["models"]
+    syn = {m: {k: ev[m][k] for k in ("mean", "std", "accs")} for m in models}
+    real = {}
+    gain = {}
+    if "random_real" in ev:
+        real = {m: {k: ev["random_real"][m][k] for k in ("mean", "std", "accs")} for m in models}
+        gain = {m: syn[m]["mean"] - real[m]["mean"] for m in models}
+    return syn, real, gain
+
+
+def eval_kwargs(config: EvalConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`hpd_fast.evaluate` for an evaluation config."""
+    return {
+        "models": list(config.models),
+        "num_eval": config.num_eval,
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        "augment": config.augment,
+        "baseline": None if config.baseline == "none" else config.baseline,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to a temporary name, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(payload, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def distill_run(
+    config: RunConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    group: Any = None,
+    progress: bool | None = None,
+) -> RunOutput:
+    """The whole distillation job of ``config`` (default: the digits preset, the main job).
+
+    Writes ``config.out_dir()``: ``tensors.safetensors``, ``summary.json``, the image grids,
+    ``overview.png``, ``stages.png``, ``metrics.json`` (accuracy against random real images,
+    CRFD per stage, timings, peak memory, the resolved configuration, versions) and
+    ``checkpoint/`` (a rerun with the same settings resumes or reuses it).
+
+    Args:
+        config: the run (:class:`~hpd_fast.config.RunConfig`); None: ``preset("digits")``.
+        device: where to compute (default: CUDA when available, else the CPU).
+        group: a ``torch.distributed`` process group: experts and evaluation runs are shared
+            out, H-PD runs over the group; only the first rank writes.
+        progress: None: bars on a terminal, log lines (logger ``hpd_fast``) otherwise; True:
+            bars; False: quiet.
+
+    Raises:
+        ValueError: bad settings (naming them) before any long work starts; a checkpoint of a
+            different run in ``out/checkpoint`` (pass ``overwrite=True``).
+    """
+    from hpd_fast import evaluate
+    from hpd_fast._distributed import rank_and_size
+    from hpd_fast.distill.hpd import HPD
+    from hpd_fast.distill.state import CheckpointMismatchError
+    from hpd_fast.experts.cache import cached_experts
+
+    cfg = copy.deepcopy(config) if config is not None else preset("digits")
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"config must be a hpd_fast.config.RunConfig, got {type(cfg).__name__}")
+    cfg.hpd = cfg.hpd.resolved()
+    _check_up_front(cfg)
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    rank, world = rank_and_size(group)
+    out = cfg.out_dir()
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = load_dataset(cfg.data)
+    generator = load_generator(cfg.generator, data, dev)
+    timings["setup"] = time.perf_counter() - t_start
+
+    experts = None
+    experts_info = None
+    if cfg.hpd.algorithm == "mtt":
+        t0 = time.perf_counter()
+        experts = cached_experts(
+            data,
+            cfg.experts,
+            seed=cfg.seed,
+            data_config=cfg.data,
+            device=dev,
+            group=group,
+            progress=progress,
+        )
+        if experts.dataset_name != data.name:
+            raise ValueError(
+                f"experts: {str(cfg.experts.path)!r} were trained on {experts.dataset_name!r}, "
+                f"but the dataset is {data.name!r}"
+            )
+        timings["experts"] = time.perf_counter() - t0
+        experts_info = _experts_info(experts, timings["experts"])
+        _LOG.info(
+            "%d experts x %d epochs (%s, P=%d) in %s",
+            len(experts),
+            experts.epochs,
+            experts.model_config["name"],
+            experts.num_params,
+            experts.path,
+        )
+
+    ckpt = out / "checkpoint"
+    if cfg.overwrite and ckpt.exists() and rank == 0:
+        shutil.rmtree(ckpt)
+    if group is not None:  # the others read the checkpoint folder only after it is gone
+        torch.distributed.barrier(group)
+    hpd = HPD(
+        generator,
+        data.to(dev),
+        cfg.hpd,
+        experts=experts,
+        seed=cfg.seed,
+        checkpoint_dir=ckpt,
+        group=group,
+    )
+    how = cfg.hpd.algorithm
+    if how == "mtt":
+        how += f" ({cfg.hpd.mtt.mode})"
+    if group is not None:
+        how += f" over {world} processes"
+    _LOG.info(
+        "H-PD %s, IPC %d, stages %d..%d, %d iterations each",
+        how,
+        cfg.hpd.ipc,
+        hpd.first_stage,
+        hpd.last_stage,
+        hpd.iterations_per_stage,
+    )
+    t0 = time.perf_counter()
+    try:
+        result = hpd.fit(progress=progress)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(
+            f"{exc}, or start afresh with --overwrite (overwrite=True)"
+        ) from None
+    timings["distill"] = time.perf_counter() - t0
+    result.run_config = config_to_dict(cfg)
+
+    t0 = time.perf_counter()
+    if rank == 0:
+        result.save(out)
+    timings["outputs"] = time.perf_counter() - t0
+
+    crfd = {str(k): v.get("score") for k, v in sorted(result.stage_best.items())}
+    final_loss: dict[str, Any] = {}
+    for k in sorted(result.stage_best):
+        vals = [e["loss"] for e in result.losses if e["stage"] == k]
+        final_loss[str(k)] = {"mean": sum(vals) / len(vals), "last": vals[-1]} if vals else None
+    metrics: dict[str, Any] = {
+        "format": METRICS_FORMAT,
+        "dataset": data.name,
+        "ipc": cfg.hpd.ipc,
+        "algorithm": cfg.hpd.algorithm,
+        "mode": cfg.hpd.mtt.mode if cfg.hpd.algorithm == "mtt" else None,
+        "generator": cfg.generator.source,
+        "chosen_stage": result.stage,
+        "chosen_iteration": result.iteration,
+        "crfd_per_stage": crfd,
+        "loss_per_stage": final_loss,
+    }
+    if cfg.eval.enabled:
+        t0 = time.perf_counter()
+        ev = evaluate(
+            result.images,
+            result.labels,
+            data,
+            **eval_kwargs(cfg.eval),
+            seed=cfg.seed,
+            progress=progress,
+            device=dev,
+            group=group,
+        )
+        timings["evaluate"] = time.perf_counter() - t0
+        syn, real, gain = _accuracy_summary(ev)
+        metrics.update(accuracy=syn, random_real=real, gain_over_random_real=gain)
+        metrics["evaluation"] = {k: v for k, v in ev["config"].items() if k != "seconds"}
+    timings["total"] = time.perf_counter() - t_start
+    peak, source = peak_memory_mib()
+    metrics.update(
+        time_s=timings,
+        peak_memory_mib=peak,
+        peak_memory_source=source,
+        experts=experts_info,
+        hpd_config=result.config,
+        hpd_timings=result.timings,
+        device=str(dev),
+        processes=world,
+        threads=torch.get_num_threads(),
+        loadavg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        cpu_count=os.cpu_count(),
+        versions=versions(),
+        run_config=config_to_dict(cfg),
+    )
+    if rank == 0:
+        write_json(out / "metrics.json", metrics)
+    return RunOutput(out=out, result=result, metrics=metrics, experts=experts)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    config: EvalConfig | None = None,
+    *,
+    data_config: DataConfig | None = None,
+    stage: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    group: Any = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate the set saved in ``run_dir`` and write ``evaluation.json`` (or ``out``).
+
+    Args:
+        run_dir: a folder written by :func:`distill_run` / :meth:`DistillResult.save`.
+        config: the protocol (:class:`~hpd_fast.config.EvalConfig`; default: its defaults).
+        data_config: the dataset (default: the one the run was made from, at its resolution).
+        stage: evaluate this stage's best images instead of the chosen set.
+        out: the JSON file to write (default ``run_dir/evaluation.json``); not a folder.
+
+    Returns:
+        The :func:`hpd_fast.evaluate` results plus ``"run"``, ``"set"`` and ``"versions"``.
+    """
+    from hpd_fast import evaluate
+    from hpd_fast._distributed import rank_and_size
+    from hpd_fast.distill.result import DistillResult
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise NotADirectoryError(
+            f"{str(run)!r} is not a folder (expected the output folder of `hpd-fast distill`)"
+        )
+    target = Path(out) if out is not None else run / "evaluation.json"
+    if target.is_dir():
+        raise IsADirectoryError(f"out: {str(target)!r} is a folder; name a JSON file")
+    cfg = copy.deepcopy(config) if config is not None else EvalConfig()
+    result = DistillResult.load(run)
+    dcfg = copy.deepcopy(data_config) if data_config is not None else DataConfig(dataset="")
+    if not dcfg.dataset:
+        dcfg.dataset = result.config.get("dataset", {}).get("name", "")
+        if not dcfg.dataset:
+            raise ValueError(f"{str(run)!r} does not say which dataset it was made from: pass it")
+    if dcfg.resolution is None and dcfg.dataset.lower() != "digits":
+        if result.images.shape[-1] != result.images.shape[-2]:
+            raise ValueError("non-square images: pass the resolution")
+        dcfg.resolution = int(result.images.shape[-1])
+    data = load_dataset(dcfg)
+    if stage is None:
+        images, what = result.images, f"chosen set (stage {result.stage})"
+    else:
+        if stage not in result.stage_images:
+            raise ValueError(f"stage {stage}: the run has stages {sorted(result.stage_images)}")
+        images, what = result.stage_images[stage], f"stage {stage}"
+    _LOG.info("evaluating the %s of %s: %d images", what, run, images.shape[0])
+    ev = evaluate(
+        images,
+        result.labels,
+        data,
+        **eval_kwargs(cfg),
+        seed=seed,
+        progress=progress,
+        device=device,
+        group=group,
+    )
+    payload = {"run": str(run), "set": what, **ev, "versions": versions()}
+    if rank_and_size(group)[0] == 0:
+        write_json(target, payload)
+        _LOG.info("wrote %s", target)
+    return payload
