@@ -73,7 +73,9 @@ def _extensions():
         why = f"torch CUDA {torch.version.cuda}, toolkit at {cpp_extension.CUDA_HOME}"
 
     cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    # -fmad=false: no contracted multiply-adds, so per-element formulas round as on the CPU
+    # (csrc/hpd_common.h, docs/gpu.md); IEEE division and sqrt are nvcc's default.
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-fmad=false"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     sources = list(cpu_sources)
     if use_cuda:

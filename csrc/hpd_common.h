@@ -1,7 +1,10 @@
 // Shared helpers for the CPU (.cpp) and CUDA (.cu) kernels of hpd_fast.
 //
 // Per-element arithmetic lives in headers as HPD_HD inline functions so that the CPU build,
-// which the test suite exercises on every machine, runs the very arithmetic the GPU runs.
+// which the test suite exercises on every machine, runs the very arithmetic the GPU runs:
+// given the same inputs, bitwise, because every backend rounds to nearest and none contracts
+// multiply-adds (nvcc -fmad=false in setup.py; Triton: kernels/_math.py). Reductions add in a
+// different order per backend and agree to rounding only (docs/gpu.md).
 #pragma once
 
 #include <cstdint>

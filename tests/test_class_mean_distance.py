@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -538,3 +540,26 @@ def test_default_backend_of_class_means_is_not_index_add(monkeypatch):
     acc.update(x, y)
     means, _ = class_means(x, y, 3)
     torch.testing.assert_close(means, acc.means())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_bad_label_under_torch_compile_fails_on_the_gpu(backend):
+    """Under torch.compile the Python range check is skipped: the GPU kernels must fail (a
+    device-side assert poisons the CUDA context, hence a subprocess), never read garbage."""
+    if not INFO[backend]["available"]:
+        pytest.skip(INFO[backend]["detail"])
+    code = f"""
+import torch
+from hpd_fast import class_mean_distance
+f = torch.randn(6, 4, device="cuda", requires_grad=True)
+y = torch.tensor([0, 1, 2, 7, 1, 0], device="cuda")
+t = torch.randn(3, 4, device="cuda")
+fn = torch.compile(lambda f, y, t: class_mean_distance(f, y, t, backend="{backend}"))
+fn(f, y, t).backward()
+torch.cuda.synchronize()
+print("NO ERROR")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr
+    assert "assert" in (proc.stdout + proc.stderr).lower(), proc.stderr[-3000:]

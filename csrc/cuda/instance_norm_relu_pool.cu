@@ -54,6 +54,12 @@ __device__ __forceinline__ void block_sum(acc (&v)[K], acc* red) {
   __syncthreads();  // `red` may be reused right after
 }
 
+// Quotient of two in-plane indices in 32 bits (check_grid caps a plane below 2^31 elements):
+// a 64-bit integer division is a long software sequence on the GPU, once per element here.
+__device__ __forceinline__ int64_t div32(int64_t a, int64_t b) {
+  return static_cast<int32_t>(a) / static_cast<int32_t>(b);
+}
+
 template <typename acc, typename scalar_t>
 __device__ __forceinline__ acc ld(const scalar_t* p, int64_t i) {
   return static_cast<acc>(p[i]);
@@ -63,7 +69,7 @@ __device__ __forceinline__ acc ld(const scalar_t* p, int64_t i) {
 template <typename acc, typename scalar_t>
 __device__ __forceinline__ acc spread_grad(const scalar_t* gy, int64_t i, const PlaneShape& p) {
   if (!p.pool) return ld<acc>(gy, i);
-  const int64_t h = i / p.W, w = i - h * p.W;
+  const int64_t h = div32(i, p.W), w = i - h * p.W;
   if (h >= 2 * p.H2 || w >= 2 * p.W2) return acc(0);
   return inrp::pool_spread(ld<acc>(gy, (h >> 1) * p.W2 + (w >> 1)));
 }
@@ -95,7 +101,7 @@ __global__ void inrp_fwd_kernel(const scalar_t* __restrict__ x, const acc* __res
   scalar_t* yp = y + bc * n_out;
   for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x) {
     if (p.pool) {
-      const int64_t oh = o / p.W2, ow = o - oh * p.W2;
+      const int64_t oh = div32(o, p.W2), ow = o - oh * p.W2;
       const int64_t e = 2 * oh * p.W + 2 * ow;
       const acc a00 = inrp::relu(inrp::pre_act(ld<acc>(xp, e), f));
       const acc a01 = inrp::relu(inrp::pre_act(ld<acc>(xp, e + 1), f));
@@ -191,7 +197,7 @@ __global__ void inrp_dbwd_kernel(const scalar_t* __restrict__ u, const acc* __re
   scalar_t* ggp = g_gy + bc * n_out;
   for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x) {
     if (p.pool) {
-      const int64_t oh = o / p.W2, ow = o - oh * p.W2;
+      const int64_t oh = div32(o, p.W2), ow = o - oh * p.W2;
       const int64_t e = 2 * oh * p.W + 2 * ow;
       ggp[o] = static_cast<scalar_t>(inrp::pool4(masked_t(xp, up, e, k, f, mean, rstd),
                                                  masked_t(xp, up, e + 1, k, f, mean, rstd),
@@ -203,9 +209,11 @@ __global__ void inrp_dbwd_kernel(const scalar_t* __restrict__ u, const acc* __re
   }
 }
 
-void check_grid(int64_t planes, const char* op) {
+void check_grid(int64_t planes, const PlaneShape& p, const char* op) {
   TORCH_CHECK(planes <= 2147483647LL, op, " (CUDA): at most 2^31 - 1 (b, c) planes, got ",
               planes);
+  TORCH_CHECK(p.n() <= 2147483647LL, op, " (CUDA): at most 2^31 - 1 elements per plane, got ",
+              p.n());
 }
 
 // ------------------------------------------------------------------------------ operators
@@ -220,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_cuda(
   inrp::check_channels(weight, C, acc_dtype, op, "weight");
   inrp::check_channels(bias, C, acc_dtype, op, "bias");
   inrp::check_same_device(input, {weight, bias}, op);
-  check_grid(B * C, op);
+  check_grid(B * C, p, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous(), bb = bias.contiguous();
@@ -254,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_backward_
   inrp::check_stats(rstd, B, C, acc_dtype, op, "rstd");
   inrp::check_like(grad_out, {B, C, p.H2, p.W2}, input.scalar_type(), op, "grad_out");
   inrp::check_same_device(input, {grad_out, weight, bias, mean, rstd}, op);
-  check_grid(B * C, op);
+  check_grid(B * C, p, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), gy = grad_out.contiguous();
   const at::Tensor w = weight.contiguous(), bb = bias.contiguous();
@@ -297,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_relu_pool_double_ba
   inrp::check_like(grad_grad_input, input.sizes(), input.scalar_type(), op, "grad_grad_input");
   inrp::check_same_device(input, {grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out,
                                   weight, bias, mean, rstd}, op);
-  check_grid(B * C, op);
+  check_grid(B * C, p, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), gy = grad_out.contiguous();
   const at::Tensor u = grad_grad_input.contiguous();
