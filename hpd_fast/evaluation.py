@@ -36,10 +36,14 @@ from hpd_fast._common import (
 )
 from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
+from hpd_fast.config import EvalConfig
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.models import MODEL_NAMES, get_model
 
 __all__ = ["BASELINES", "EVAL_MODELS", "evaluate", "train_and_test"]
+
+#: The defaults of :func:`evaluate` (one source: :class:`hpd_fast.config.EvalConfig`).
+_DEFAULTS = EvalConfig()
 
 # Architectures of the cross-architecture table; any name of hpd_fast.models.MODEL_NAMES works.
 EVAL_MODELS = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
@@ -183,19 +187,19 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     dataset: DistillData,
-    models: Sequence[str] | str = ("ConvNet",),
-    num_eval: int = 5,
-    epochs: int = 300,
-    lr: float = 0.01,
-    batch_size: int = 256,
-    augment: DSA | Augment | str | type[DSA] | None = "dsa",
+    models: Sequence[str] | str = tuple(_DEFAULTS.models),
+    num_eval: int = _DEFAULTS.num_eval,
+    epochs: int = _DEFAULTS.epochs,
+    lr: float = _DEFAULTS.lr,
+    batch_size: int = _DEFAULTS.batch_size,
+    augment: DSA | Augment | str | type[DSA] | None = _DEFAULTS.augment,
     seed: int = 0,
-    baseline: str | None = None,
+    baseline: str | None = _DEFAULTS.baseline,
     progress: bool | None = False,
     device: torch.device | str | None = None,
     *,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    momentum: float = _DEFAULTS.momentum,
+    weight_decay: float = _DEFAULTS.weight_decay,
     warmup: float = 0.05,
     test_batch_size: int = 1024,
     model_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -223,9 +227,9 @@ def evaluate(
             Applied to every minibatch with a fresh seed.
         seed: base seed; network r of architecture ``name`` uses seeds derived from
             (seed, name, r), so results do not depend on which other models are listed.
-        baseline: None, or "random_real": also run the protocol on
+        baseline: "random_real" (default) also runs the protocol on
             ``dataset.random_real(ipc, seed)`` with ``ipc = max(1, round(M / K))``, with the same
-            network seeds.
+            network seeds; None or "none": the synthetic set only.
         progress: True: a tqdm bar (one tick per training epoch); None: the bar when stderr
             is a terminal, otherwise one INFO line per trained network through
             ``logging.getLogger("hpd_fast")`` (model, set, run r/N, test accuracy); False
@@ -266,6 +270,8 @@ def evaluate(
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}")
+    if baseline == "none":
+        baseline = None
     if baseline is not None and baseline not in BASELINES:
         raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
     model_kwargs = dict(model_kwargs or {})

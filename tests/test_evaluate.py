@@ -35,7 +35,7 @@ def ipc1(digits):
 def test_result_format(digits, ipc1):
     x, y = ipc1
     out = evaluate(x, y, digits, **FAST)
-    assert set(out) == {"ConvNet", "config"}
+    assert set(out) == {"ConvNet", "random_real", "config"}  # the baseline runs by default
     stats = out["ConvNet"]
     assert len(stats["accs"]) == 2
     assert all(isinstance(a, float) and 0.0 <= a <= 100.0 for a in stats["accs"])
@@ -48,7 +48,7 @@ def test_result_format(digits, ipc1):
     assert cfg["models"] == ["ConvNet"] and cfg["num_eval"] == 2 and cfg["epochs"] == 3
     assert cfg["ipc"] == 1.0 and cfg["num_images"] == 10 and cfg["soft_labels"] is False
     assert cfg["dataset"] == "digits" and cfg["device"] == "cpu" and cfg["seconds"] > 0
-    assert "DSA" in cfg["augment"] and cfg["baseline"] is None
+    assert "DSA" in cfg["augment"] and cfg["baseline"] == "random_real"
 
 
 def test_deterministic_and_global_rng_untouched(digits, ipc1):
@@ -77,7 +77,9 @@ def test_random_real_baseline_shares_seeds(digits, ipc1):
 
 def test_cross_architecture_models(digits, ipc1):
     x, y = ipc1
-    out = evaluate(x, y, digits, models=EVAL_MODELS, num_eval=1, epochs=1, num_threads=1)
+    out = evaluate(
+        x, y, digits, models=EVAL_MODELS, num_eval=1, epochs=1, num_threads=1, baseline="none"
+    )
     assert set(out) == {*EVAL_MODELS, "config"}
     for name in EVAL_MODELS:
         assert len(out[name]["accs"]) == 1 and 0.0 <= out[name]["mean"] <= 100.0
@@ -102,12 +104,13 @@ def test_augment_calls_and_minibatches(digits):
         calls.append((xb.shape[0], seed))
         return xb
 
-    evaluate(x, y, digits, num_eval=1, epochs=2, batch_size=8, augment=record, num_threads=1)
+    kw = dict(num_eval=1, epochs=2, batch_size=8, augment=record, num_threads=1, baseline=None)
+    evaluate(x, y, digits, **kw)
     assert [n for n, _ in calls] == [8, 8, 8, 6] * 2  # ceil(30 / 8) steps per epoch
     assert len({s for _, s in calls}) == len(calls)  # a fresh seed every step
     first = list(calls)
     calls.clear()
-    evaluate(x, y, digits, num_eval=1, epochs=2, batch_size=8, augment=record, num_threads=1)
+    evaluate(x, y, digits, **kw)
     assert calls == first
     for aug in (None, "none", DSA, DSA("crop"), "color_crop"):
         out = evaluate(x, y, digits, num_eval=1, epochs=1, augment=aug, num_threads=1)

@@ -491,7 +491,7 @@ class HPD:
             return [float(v) for v in self._crfd.score(imgs, self.labels)]
         from hpd_fast.evaluation import evaluate
 
-        kw = {"num_eval": 3, "seed": derive_seed(self.seed, "eval") % 2**31}
+        kw = {"num_eval": 3, "seed": derive_seed(self.seed, "eval") % 2**31, "baseline": None}
         kw.update(self.eval_kwargs)
         models = kw.get("models", ("ConvNet",))
         first = models if isinstance(models, str) else models[0]
