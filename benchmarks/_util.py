@@ -24,8 +24,14 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
-README = BENCH_DIR / "README.md"
+# ``$HPD_BENCH_RESULTS_DIR`` (set by ``hpd-fast bench SUITE --out DIR`` and by ``pytest
+# --bench-results DIR``) sends the result files and the README sections of a run to that
+# folder, so a user's run never rewrites the checkout's results/ and README.md; unset, a
+# maintainer's ``pytest benchmarks/`` and the ``--table`` generators write them as before.
+RESULTS_ENV = "HPD_BENCH_RESULTS_DIR"
+_REDIRECT = os.environ.get(RESULTS_ENV)
+RESULTS_DIR = Path(_REDIRECT).resolve() if _REDIRECT else BENCH_DIR / "results"
+README = RESULTS_DIR / "README.md" if _REDIRECT else BENCH_DIR / "README.md"
 
 
 # --------------------------------------------------------------------------------------------
