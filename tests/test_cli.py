@@ -344,3 +344,50 @@ def test_distill_under_torchrun(tmp_path, tiny_generator):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "H-PD dm over 2 processes" in proc.stderr
     assert json.loads((tmp_path / "dm" / "metrics.json").read_text())["processes"] == 2
+
+
+def test_python_and_cli_write_the_same_folder(tmp_path, tiny_generator):
+    """distill_run(config) from Python and `hpd-fast distill` with the same settings write the
+    same files with the same numbers (the CLI only parses, calls and prints)."""
+    from safetensors.torch import load_file
+
+    from hpd_fast.config import preset
+    from hpd_fast.run import distill_run
+
+    cache = tmp_path / "cache"
+    cfg = preset("digits")
+    cfg.out = str(tmp_path / "api")
+    cfg.generator.source = str(tiny_generator)
+    cfg.data.max_per_class = 10
+    cfg.experts.num_experts, cfg.experts.epochs = 2, 3
+    cfg.experts.model_kwargs = {"width": 4}
+    cfg.experts.cache_dir = str(cache)
+    cfg.hpd.iterations_per_stage, cfg.hpd.last_stage = 1, 2
+    cfg.hpd.mtt.syn_steps, cfg.hpd.mtt.expert_epochs, cfg.hpd.mtt.max_start_epoch = 2, 1, 2
+    cfg.hpd.select.crfd_models = 1
+    cfg.eval.num_eval, cfg.eval.epochs = 1, 2
+    torch.set_num_threads(1)
+    api = distill_run(cfg, device="cpu", progress=False)
+
+    cli_out = tmp_path / "cli"
+    args = ["distill", "--generator", str(tiny_generator), "--out", str(cli_out)]
+    args += ["--cache-dir", str(cache), "--iterations-per-stage", "1", "--num-eval", "1"]
+    args += ["--eval-epochs", "2", "--device", "cpu", "-q", *TINY]
+    assert main(args) == 0
+
+    def files(d: Path) -> set[str]:
+        return {p.name for p in d.iterdir() if p.name != "checkpoint"}
+
+    assert files(api.out) == files(cli_out)
+    assert {"overview.png", "stages.png", "grid_chosen.png", "metrics.json"} <= files(cli_out)
+    a, b = (
+        load_file(str(api.out / "tensors.safetensors")),
+        load_file(str(cli_out / "tensors.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((api.out / "metrics.json").read_text())
+    mb = json.loads((cli_out / "metrics.json").read_text())
+    assert ma["accuracy"] == mb["accuracy"] and ma["crfd_per_stage"] == mb["crfd_per_stage"]
+    ra, rb = ma["run_config"], mb["run_config"]
+    ra.pop("out"), rb.pop("out")
+    assert ra == rb
