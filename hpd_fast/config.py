@@ -50,6 +50,7 @@ __all__ = [
     "MatchConfig",
     "PRESETS",
     "RunConfig",
+    "SOFT_LABELS",
     "SelectConfig",
     "apply_overrides",
     "config_from_dict",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("mtt", "dm", "dc")
+SOFT_LABELS = ("none", "onehot", "expert")
 MTT_MODES = ("exact", "first_order", "unrolled")
 SELECTIONS = ("crfd", "eval", "last")
 BASELINES = ("random_real", "none")
@@ -113,6 +115,15 @@ class DataConfig:
     max_per_class: int | None = setting(
         None, "use at most this many training images per class", minimum=1, shown="all"
     )
+    zca: bool = setting(
+        False,
+        "ZCA-whiten the images with a transform fitted on the training split (MTT's CIFAR "
+        "recipe): experts, distillation and evaluation see whitened images, pictures are shown "
+        "un-whitened; up to 64x64 RGB",
+    )
+    zca_regularization: float = setting(
+        0.1, "--zca: added to the covariance eigenvalues (MTT / kornia: 0.1)", minimum=1
+    )
 
 
 @dataclass
@@ -123,9 +134,17 @@ class GeneratorConfig:
         "pretrained",
         "'pretrained' (the generator shipped for the dataset), a ConvGenerator file "
         "(.safetensors + .json from hpd_fast.generators.save_generator), or a StyleGAN network "
-        "pickle (.pkl; needs --allow-pickle and the official code importable)",
+        "pickle (.pkl; needs --allow-pickle and the official code importable), or 'pixels' "
+        "(optimise the images themselves: MTT / DM / DC in pixel space; see "
+        "hpd_fast.generators.pixels)",
         flag="--generator",
         metavar="PATH",
+    )
+    pixel_init: str = setting(
+        "real",
+        "--generator pixels: initial images: real (random training images of each class) or "
+        "noise (standard Gaussian)",
+        choices=("real", "noise"),
     )
     allow_pickle: bool = setting(
         False, "allow unpickling a StyleGAN .pkl (runs code from the file: trusted files only)"
@@ -287,6 +306,16 @@ DIGITS_PER_ALGORITHM: dict[str, dict[str, float]] = {
     "dc": {"iterations_per_stage": 30, "lr_w": 0.03, "lr_f": 0.05},
 }
 _PER_ALGORITHM_KEYS = ("iterations_per_stage", "lr_w", "lr_f")
+_TABLES = ("per_algorithm", "pixel_per_algorithm")
+
+#: ``pixel_per_algorithm`` of the digits setting (``--generator pixels``; ``lr_f`` is the image
+#: learning rate, ``lr_w`` unused): chosen by a measurement on the embedded digits (IPC 1 and
+#: 10, ConvNet-2 evaluation), see hpd_fast.generators.pixels.
+DIGITS_PIXEL_PER_ALGORITHM: dict[str, dict[str, float]] = {
+    "mtt": {"iterations_per_stage": 100, "lr_w": 0.0, "lr_f": 100.0},
+    "dm": {"iterations_per_stage": 200, "lr_w": 0.0, "lr_f": 1.0},
+    "dc": {"iterations_per_stage": 100, "lr_w": 0.0, "lr_f": 0.1},
+}
 
 
 @dataclass
@@ -314,6 +343,21 @@ class HPDConfig:
         "iterations_per_stage, lr_w and lr_f per algorithm, used where those are not set",
         cli=False,
     )
+    pixel_per_algorithm: dict[str, dict[str, float]] = setting(
+        DIGITS_PIXEL_PER_ALGORITHM,
+        "the same with --generator pixels (lr_f: the image learning rate), in place of "
+        "per_algorithm",
+        cli=False,
+    )
+    soft_labels: str = setting(
+        "none",
+        "learned soft labels (DATM; trajectory matching only): none (hard labels), onehot "
+        "(start from one-hot logits) or expert (start from an expert's logits on the initial "
+        "images); targets are softmax(logits)",
+        choices=SOFT_LABELS,
+    )
+    lr_y: float = setting(2.0, "--soft-labels: SGD learning rate of the label logits", minimum=0)
+    momentum_y: float = setting(0.9, "--soft-labels: SGD momentum of the label logits", minimum=0)
     momentum: float = setting(0.5, "SGD momentum of the latents", minimum=0)
     first_stage: int = setting(1, "first generator stage optimised", minimum=1)
     last_stage: int | None = setting(
@@ -346,17 +390,20 @@ class HPDConfig:
     match: MatchConfig = field(default_factory=MatchConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 
-    def resolved(self) -> HPDConfig:
+    def resolved(self, generator: str | None = None) -> HPDConfig:
         """A copy whose ``iterations_per_stage``, ``lr_w`` and ``lr_f`` are numbers (taken from
-        ``per_algorithm[algorithm]`` where they are None)."""
+        ``per_algorithm[algorithm]`` where they are None; from ``pixel_per_algorithm`` when
+        ``generator == "pixels"``)."""
         out = copy.deepcopy(self)
-        table = out.per_algorithm.get(out.algorithm)
+        tables = out.pixel_per_algorithm if generator == "pixels" else out.per_algorithm
+        table = tables.get(out.algorithm)
         for key in _PER_ALGORITHM_KEYS:
             if getattr(out, key) is None:
                 if table is None or key not in table:
                     raise ConfigError(
-                        f"hpd.{key} is not set and hpd.per_algorithm has no value of it for "
-                        f"algorithm {out.algorithm!r}"
+                        f"hpd.{key} is not set and hpd."
+                        f"{'pixel_per_algorithm' if generator == 'pixels' else 'per_algorithm'}"
+                        f" has no value of it for algorithm {out.algorithm!r}"
                     )
                 value = table[key]
                 setattr(out, key, int(value) if key == "iterations_per_stage" else float(value))
@@ -486,6 +533,17 @@ def _published(name: str, dataset: str) -> RunConfig:
         "mtt": {"iterations_per_stage": 100, "lr_w": 10.0, "lr_f": 10000.0},
         "dm": {"iterations_per_stage": 100, "lr_w": 0.01, "lr_f": 10.0},
         "dc": {"iterations_per_stage": 100, "lr_w": 0.001, "lr_f": 1.0},
+    }
+    # --generator pixels: the image rates of the published pixel-space code, which optimises
+    # images with SGD (momentum 0.5) as the loop does. MTT: lr_img 1000 (distill.py's default
+    # and its README commands for CIFAR-100 / ImageNet subsets, and CIFAR-10 IPC 1 in its
+    # hyper-parameter table; CIFAR-10 IPC 10 uses 100: pass --lr-f 100), 5000 iterations.
+    # DM: lr_img 1, 20000 iterations; DC: lr_img 0.1, 1000 iterations (the DC/DM code of
+    # VICO-UoE/DatasetCondensation).
+    cfg.hpd.pixel_per_algorithm = {
+        "mtt": {"iterations_per_stage": 5000, "lr_w": 0.0, "lr_f": 1000.0},
+        "dm": {"iterations_per_stage": 20000, "lr_w": 0.0, "lr_f": 1.0},
+        "dc": {"iterations_per_stage": 1000, "lr_w": 0.0, "lr_f": 0.1},
     }
     cfg.eval.models = ["ConvNet", "ResNet18", "VGG11", "AlexNet"]
     cfg.eval.epochs = 1000
@@ -653,11 +711,11 @@ def _apply(obj: Any, data: Mapping[str, Any], where: str, path: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: {dotted!r} must be a table of settings")
             _apply(getattr(obj, norm), value, where, f"{dotted}.")
-        elif norm == "per_algorithm":  # merged: a file may set one value of one algorithm
-            table = copy.deepcopy(obj.per_algorithm)
+        elif norm in _TABLES:  # merged: a file may set one value of one algorithm
+            table = copy.deepcopy(getattr(obj, norm))
             for alg, values in _check_per_algorithm(value, f"{where}: {dotted!r}").items():
                 table.setdefault(alg, {}).update(values)
-            obj.per_algorithm = table
+            setattr(obj, norm, table)
         else:
             setattr(obj, norm, check_value(f, tp, value, f"{where}: key {dotted!r}"))
 
@@ -743,8 +801,8 @@ def with_overrides(config: HPDConfig, overrides: Mapping[str, Any]) -> HPDConfig
                 )
             obj.augment = value
             continue
-        if leaf == "per_algorithm":
-            obj.per_algorithm = _check_per_algorithm(value, "per_algorithm")
+        if leaf in _TABLES:
+            setattr(obj, leaf, _check_per_algorithm(value, leaf))
             continue
         f = next(f for f in dataclasses.fields(obj) if f.name == leaf)
         tp = _hints(type(obj))[leaf]
@@ -806,3 +864,52 @@ def load_config(path: str | Path) -> RunConfig:
     """A :class:`RunConfig` from a JSON / TOML file, or from a run's ``metrics.json`` /
     ``summary.json`` (its recorded configuration)."""
     return config_from_dict(RunConfig, saved_config(read_file(path)), f"config file {str(path)!r}")
+
+
+#: The settings shown in :func:`preset_table` (dotted paths; ``hpd.*`` are resolved for mtt).
+TABLE_SETTINGS = (
+    "data.dataset",
+    "hpd.ipc",
+    "hpd.algorithm",
+    "hpd.iterations_per_stage",
+    "hpd.lr_w",
+    "hpd.lr_f",
+    "hpd.mtt.syn_steps",
+    "hpd.mtt.expert_epochs",
+    "hpd.mtt.max_start_epoch",
+    "hpd.mtt.mode",
+    "hpd.select.method",
+    "hpd.select.every",
+    "experts.num_experts",
+    "experts.epochs",
+    "eval.models",
+    "eval.num_eval",
+    "eval.epochs",
+)
+
+
+def preset_table(settings: tuple[str, ...] = TABLE_SETTINGS) -> str:
+    """A Markdown table of the main settings of every preset (for the README)."""
+    names = list(PRESETS)
+    rows = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |"]
+    rows.append("|---|" + "---|" * len(names))
+    cfgs = {}
+    for n in names:
+        cfg = PRESETS[n]()
+        cfg.hpd = cfg.hpd.resolved()
+        cfgs[n] = cfg
+    for path in settings:
+        cells = []
+        for n in names:
+            value: Any = cfgs[n]
+            for part in path.split("."):
+                value = getattr(value, part)
+            if value is None:
+                value = "auto"
+            elif isinstance(value, list):
+                value = ", ".join(value)
+            elif isinstance(value, float):
+                value = f"{value:g}"
+            cells.append(str(value))
+        rows.append(f"| `{path}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
