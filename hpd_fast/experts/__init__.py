@@ -12,10 +12,15 @@ Modules:
     :func:`load`).
     :mod:`~hpd_fast.experts.cache`: the expert cache (:func:`cached_experts`,
     :func:`cache_path`, :func:`cache_root`).
+    :mod:`~hpd_fast.experts.mtt_buffers`: the published code's ``replay_buffer_<k>.pt`` files
+    (:func:`load_mtt`, :func:`import_mtt`).
+    :mod:`~hpd_fast.experts.loading`: :func:`load` (``format="hpd_fast"`` or ``"mtt"``).
 """
 
 from hpd_fast.experts.cache import cache_path, cache_root, cache_settings, cached_experts
-from hpd_fast.experts.format import FORMAT, VERSION, expert_path, load
+from hpd_fast.experts.format import FORMAT, VERSION, expert_path
+from hpd_fast.experts.loading import FORMATS, load
+from hpd_fast.experts.mtt_buffers import PUBLISHED_MODELS, import_mtt, load_mtt
 from hpd_fast.experts.train import train_experts
 from hpd_fast.experts.trajectories import Experts
 
@@ -26,6 +31,8 @@ from hpd_fast.experts.train import _init_net, _Stream, _vmap_probe  # noqa: F401
 
 __all__ = [
     "FORMAT",
+    "FORMATS",
+    "PUBLISHED_MODELS",
     "VERSION",
     "Experts",
     "cache_path",
@@ -33,6 +40,8 @@ __all__ = [
     "cache_settings",
     "cached_experts",
     "expert_path",
+    "import_mtt",
     "load",
+    "load_mtt",
     "train_experts",
 ]
