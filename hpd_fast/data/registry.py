@@ -12,12 +12,26 @@ from hpd_fast.data.dataset import DistillData
 from hpd_fast.data.digits import load_digits
 from hpd_fast.data.imagefolder import load_imagefolder, load_imagenet_subset
 from hpd_fast.data.subsets import IMAGENET_SUBSETS, SUBSET_ALIASES
+from hpd_fast.data.tinyimagenet import load_tinyimagenet
 
 __all__ = ["DATASET_NAMES", "load"]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", *IMAGENET_SUBSETS)
+DATASET_NAMES: tuple[str, ...] = (
+    "digits",
+    "cifar10",
+    "cifar100",
+    "tinyimagenet",
+    "imagefolder",
+    *IMAGENET_SUBSETS,
+)
 
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", **SUBSET_ALIASES}
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+    "tiny-imagenet": "tinyimagenet",
+    "tiny-imagenet-200": "tinyimagenet",
+    **SUBSET_ALIASES,
+}
 
 
 def _cap_per_class(data: DistillData, max_per_class: int) -> DistillData:
@@ -46,6 +60,9 @@ def load(
             1,438 train / 359 test, 1 channel; see :func:`hpd_fast.data.digits.load_digits`.
         "cifar10", "cifar100": the python-version archives under ``root`` (the
             ``cifar-10-batches-py`` / ``cifar-100-python`` folder or its parent); 32x32.
+        "tinyimagenet": Tiny ImageNet (200 classes, 64x64) from the ``tiny-imagenet-200``
+            folder under ``root`` (or ``root`` itself); see
+            :func:`hpd_fast.data.tinyimagenet.load_tinyimagenet`.
         "imagefolder": class subfolders under ``root`` (``train/<class>``, ``val/<class>``,
             or one split folder); see :func:`hpd_fast.data.imagefolder.load_imagefolder`.
         "imagenette", "imagewoof", "imagemeow", "imagesquawk", "imagefruit", "imageyellow",
@@ -54,8 +71,9 @@ def load(
             "imagenet-cats", "imagenet-birds", "imagenet-fruits", "imagenet-yellow").
 
     Args:
-        resolution: square image side. Default: native (8 for digits, 32 for CIFAR) and 128 for
-            image folders. Digits/CIFAR are resized (bilinear, antialiased) when it differs.
+        resolution: square image side. Default: native (8 for digits, 32 for CIFAR, 64 for Tiny
+            ImageNet) and 128 for image folders. Digits/CIFAR are resized (bilinear,
+            antialiased) when it differs.
         max_per_class: keep at most this many training images per class (the first ones in
             file/dataset order); the test split is never capped.
         num_workers: image-decoding threads for folders (default min(8, CPU count)).
@@ -79,6 +97,10 @@ def load(
         data = load_digits(resolution)
     elif key in ("cifar10", "cifar100"):
         data = load_cifar(key, root, resolution)
+    elif key == "tinyimagenet":
+        return load_tinyimagenet(
+            root, resolution, max_per_class=max_per_class, num_workers=num_workers
+        )
     elif key == "imagefolder":
         return load_imagefolder(
             root, resolution, max_per_class=max_per_class, num_workers=num_workers
