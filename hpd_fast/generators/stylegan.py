@@ -12,7 +12,9 @@ ws [M, num_ws, w_dim], ``G.z_dim``, ``G.c_dim``, ``G.img_resolution``, ``G.img_c
     stage k+1: f_{k+1} = getattr(synthesis, layer_names[k-1])(f_k, ws[:, k], **kw)
     head:      getattr(synthesis, layer_names[-1])(f_K, ws[:, K], **kw) * output_scale
 
-so ``num_stages = len(layer_names)`` (input + every layer but ToRGB).
+so ``num_stages = len(layer_names)`` (input + every layer but ToRGB). Stage 1 is the
+Fourier-feature input, which H-PD never optimises: H-PD's layer k is stage k + 1
+(``first_stage=2``); docs/stylegan_layers.md tables the stages of each generator.
 
 **Block-based (StyleGAN2-ADA)** — ``synthesis.block_resolutions`` and blocks ``b4, b8, ...``
 with ``num_conv``/``num_torgb``; block i reads ``ws[:, o_i : o_i + num_conv_i + num_torgb_i]``
@@ -42,7 +44,7 @@ from torch import nn
 
 from hpd_fast.generators.base import StagedGenerator
 
-__all__ = ["StyleGANGenerator", "from_stylegan", "load_stylegan_pickle"]
+__all__ = ["OFFICIAL_CODE", "StyleGANGenerator", "from_stylegan", "load_stylegan_pickle"]
 
 
 def _attr(obj: Any, name: str, what: str) -> Any:
@@ -258,14 +260,47 @@ def from_stylegan(
     )
 
 
+#: Where each generation's official code lives; its folder must be importable (``dnnlib``,
+#: ``torch_utils`` and, for StyleGAN-XL, ``pg_modules`` at its top level).
+OFFICIAL_CODE = {
+    "StyleGAN-XL": "https://github.com/autonomousvision/stylegan-xl",
+    "StyleGAN3": "https://github.com/NVlabs/stylegan3",
+    "StyleGAN2-ADA": "https://github.com/NVlabs/stylegan2-ada-pytorch",
+}
+
+
+def _code_hint(path: Path) -> str:
+    """Which official repository a pickle needs, guessed from names in its bytes (the
+    persistence mechanism stores module names and source text; nothing is unpickled)."""
+    try:
+        with path.open("rb") as fh:
+            blob = fh.read(64 << 20)  # the embedded source sits near the start
+    except OSError:
+        blob = b""
+    if b"pg_modules" in blob or b"networks_stylegan3_resetting" in blob:
+        which = ["StyleGAN-XL"]
+    elif b"networks_stylegan3" in blob:
+        which = ["StyleGAN3"]
+    else:
+        which = list(OFFICIAL_CODE)
+    repos = " or ".join(f"{w} ({OFFICIAL_CODE[w]})" for w in which)
+    return (
+        f"the official code of {repos} must be importable: clone it and put its folder on the "
+        "module path (`export PYTHONPATH=/path/to/stylegan-xl`, or "
+        "sys.path.insert(0, '/path/to/stylegan-xl') before loading), so that its dnnlib, "
+        "torch_utils (and training, pg_modules) packages import"
+    )
+
+
 def load_stylegan_pickle(
     path: str | os.PathLike[str], *, key: str | None = "G_ema", allow_pickle: bool = False
 ) -> Any:
     """Load a local StyleGAN network pickle (``network-snapshot-*.pkl``).
 
     Unpickling runs arbitrary code from the file, so it must be enabled explicitly with
-    ``allow_pickle=True``; only load files you trust. The official code (``dnnlib``,
-    ``torch_utils``) must be importable. Only local files are read (no URLs).
+    ``allow_pickle=True`` (``--allow-pickle``); only load files you trust. The official code
+    that wrote the pickle (:data:`OFFICIAL_CODE`: its ``dnnlib``, ``torch_utils``, ...) must be
+    importable, e.g. ``PYTHONPATH=/path/to/stylegan-xl``. Only local files are read (no URLs).
 
     Args:
         path: local file path.
@@ -274,13 +309,22 @@ def load_stylegan_pickle(
         allow_pickle: must be True.
 
     Returns:
-        The network (``eval()`` and ``requires_grad_(False)`` applied when it is a module), or
-        the unpickled object when ``key`` is None.
+        The network (``eval()`` and ``requires_grad_(False)`` applied), or the unpickled object
+        when ``key`` is None.
+
+    Raises:
+        ValueError: without ``allow_pickle=True``; a URL; a file that is not a readable pickle
+            (text, empty, truncated) or whose ``key`` entry is missing or not a network --
+            naming the file.
+        ModuleNotFoundError: the official code is not importable (naming the repository and
+            how to make it importable).
+        FileNotFoundError, PermissionError: naming the file.
     """
     if allow_pickle is not True:
         raise ValueError(
-            "load_stylegan_pickle unpickles the file, which can run arbitrary code: pass"
-            " allow_pickle=True to confirm you trust it"
+            f"{str(path)!r} is a network pickle: loading it unpickles the file, which can run "
+            "arbitrary code. Pass --allow-pickle on the command line (allow_pickle=True in "
+            "Python, generator.allow_pickle = true in a config file) to confirm you trust it"
         )
     if isinstance(path, str) and "://" in path:
         raise ValueError(f"path must be a local file, got the URL {path!r} (nothing is downloaded)")
@@ -302,17 +346,36 @@ def load_stylegan_pickle(
             obj = pickle.load(fh)  # noqa: S301 - explicit opt-in above
         except ModuleNotFoundError as e:
             raise ModuleNotFoundError(
-                f"{str(p)!r} needs the module {e.name!r} (the official StyleGAN code, e.g. "
-                "dnnlib and torch_utils, must be importable)",
+                f"{str(p)!r} needs the module {e.name!r}: {_code_hint(p)}",
                 name=e.name,
             ) from e
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{str(p)!r} is not a readable network pickle: {e}") from e
+        except (
+            EOFError,
+            pickle.UnpicklingError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            ImportError,
+            RuntimeError,
+            OverflowError,
+            MemoryError,
+        ) as e:
+            msg = str(e).strip() or type(e).__name__
+            if isinstance(e, EOFError):
+                msg = "the file is empty or truncated"
+            raise ValueError(f"{str(p)!r} is not a readable network pickle: {msg}") from e
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"key {key!r} not found in {str(p)!r} (it holds {keys})")
         obj = obj[key]
+        if not isinstance(obj, nn.Module):
+            raise ValueError(
+                f"{key!r} in {str(p)!r} is a {type(obj).__name__}, not a network "
+                "(torch.nn.Module): not a StyleGAN network snapshot"
+            )
     if isinstance(obj, nn.Module):
         obj.eval().requires_grad_(False)
     return obj
