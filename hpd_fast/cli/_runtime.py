@@ -17,9 +17,11 @@ __all__ = ["in_process_group", "progress_of", "setup_logging", "setup_torch"]
 _LOG = logging.getLogger("hpd_fast")
 
 
-def setup_logging(runtime: Runtime) -> None:
-    """Messages of the ``hpd_fast`` logger to stderr as plain lines (none with ``--quiet``)."""
+def setup_logging(runtime: Runtime) -> Callable[[], None]:
+    """Messages of the ``hpd_fast`` logger to stderr as plain lines (none with ``--quiet``).
+    Returns a function that puts the logger back as it was (commands also run in-process)."""
     logger = logging.getLogger("hpd_fast")
+    before = (logger.level, logger.propagate)
     for h in list(logger.handlers):
         if getattr(h, "_hpd_fast_cli", False):
             logger.removeHandler(h)
@@ -29,6 +31,13 @@ def setup_logging(runtime: Runtime) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if runtime.quiet else logging.INFO)
     logger.propagate = False
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
+
+    return restore
 
 
 def progress_of(runtime: Runtime) -> bool | None:
@@ -97,16 +106,20 @@ def _join_process_group(device: torch.device) -> tuple[Any, torch.device]:
 def in_process_group(runtime: Runtime, body: Callable[[torch.device, Any, int], int]) -> int:
     """``body(device, group, rank)``: in the process group when run under torchrun (left at
     the end); ranks other than 0 are quiet."""
-    setup_logging(runtime)
-    device = setup_torch(runtime)
-    group, device = _join_process_group(device)
-    if group is None:
-        return body(device, None, 0)
-    rank = torch.distributed.get_rank(group)
-    if rank != 0:
-        runtime.quiet = True  # one voice: the first rank logs, prints and writes
-        setup_logging(runtime)
+    restore = setup_logging(runtime)
     try:
-        return body(device, group, rank)
+        device = setup_torch(runtime)
+        group, device = _join_process_group(device)
+        if group is None:
+            return body(device, None, 0)
+        rank = torch.distributed.get_rank(group)
+        if rank != 0:
+            runtime.quiet = True  # one voice: the first rank logs, prints and writes
+            restore()
+            restore = setup_logging(runtime)
+        try:
+            return body(device, group, rank)
+        finally:
+            torch.distributed.destroy_process_group()
     finally:
-        torch.distributed.destroy_process_group()
+        restore()
