@@ -169,6 +169,12 @@ class OverviewLayout:
     note: str | None = None
 
 
+def _classes(result: Any) -> Tensor:
+    """The class of every image: ``result.classes`` (soft labels are [M, K]), else labels."""
+    classes = getattr(result, "classes", None)
+    return result.labels if classes is None else classes
+
+
 def _firsts(labels: Tensor | None, classes: Sequence[int]) -> list[int | None]:
     if labels is None:
         return [None] * len(classes)
@@ -195,7 +201,7 @@ def overview_layout(
     if names is not None:
         num_classes = len(names)
     else:
-        seen = [int(result.labels.max()) + 1] if result.labels.numel() else [0]
+        seen = [int(_classes(result).max()) + 1] if _classes(result).numel() else [0]
         if result.real_labels is not None and result.real_labels.numel():
             seen.append(int(result.real_labels.max()) + 1)
         num_classes = max(seen)
@@ -208,9 +214,9 @@ def overview_layout(
         rows.append(("random real", "real", _firsts(result.real_labels, shown)))
     for k in sorted(result.stage_images):
         label = _stage_title(result, k).replace(", ", "\n")
-        rows.append((label, f"stage{k}", _firsts(result.labels, shown)))
+        rows.append((label, f"stage{k}", _firsts(_classes(result), shown)))
     chosen = f"chosen\nstage {result.stage}, iterate {result.iteration}"
-    rows.append((chosen, "chosen", _firsts(result.labels, shown)))
+    rows.append((chosen, "chosen", _firsts(_classes(result), shown)))
     return OverviewLayout(columns=[(c, _name(names, c)) for c in shown], rows=rows, note=note)
 
 
@@ -431,14 +437,16 @@ def save_figures(result: DistillResult, directory: str | os.PathLike[str]) -> li
     title = f"chosen: stage {result.stage}, iterate {result.iteration}"
     if result.score is not None:
         title += f" ({short} {result.score:.4g})"
-    paths = [save_grid(result.denormalized(), result.labels, out / "grid_chosen.png", title, names)]
+    paths = [
+        save_grid(result.denormalized(), _classes(result), out / "grid_chosen.png", title, names)
+    ]
     for k, imgs in sorted(result.stage_images.items()):
         title = f"best of {_stage_title(result, k)}"
         score = result.stage_best.get(k, {}).get("score")
         if score is not None:
             title += f" ({short} {score:.4g})"
         path = out / f"grid_stage{k}.png"
-        paths.append(save_grid(result.denormalized(imgs), result.labels, path, title, names))
+        paths.append(save_grid(result.denormalized(imgs), _classes(result), path, title, names))
     paths.append(save_overview(result, out / "overview.png"))
     paths.append(save_stage_plot(result, out / "stages.png"))
     return paths

@@ -92,6 +92,8 @@ def load_dataset(config: DataConfig) -> DistillData:
         config.root,
         resolution=config.resolution,
         max_per_class=config.max_per_class,
+        zca=config.zca,
+        zca_regularization=config.zca_regularization,
     )
 
 
@@ -105,6 +107,8 @@ def load_generator(config: GeneratorConfig, data: DistillData, device: torch.dev
     from hpd_fast import generators as G
 
     spec = config.source
+    if spec == "pixels":  # the images themselves (the dataset's space: whitened with --zca)
+        return G.pixels(data, init=config.pixel_init).to(device).eval()
     if spec == "pretrained":
         try:
             gen = G.pretrained(data.name)
@@ -231,7 +235,7 @@ def distill_run(
     cfg = copy.deepcopy(config) if config is not None else preset("digits")
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"config must be a hpd_fast.config.RunConfig, got {type(cfg).__name__}")
-    cfg.hpd = cfg.hpd.resolved()
+    cfg.hpd = cfg.hpd.resolved(cfg.generator.source)
     _check_up_front(cfg)
     dev = (
         torch.device(device)
@@ -420,7 +424,22 @@ def evaluate_run(
         if result.images.shape[-1] != result.images.shape[-2]:
             raise ValueError("non-square images: pass the resolution")
         dcfg.resolution = int(result.images.shape[-1])
+    if data_config is None and result.zca is not None:  # the run's whitening, refitted
+        dcfg.zca, dcfg.zca_regularization = True, result.zca.regularization
+        rc_data = (result.run_config or {}).get("data", {})
+        dcfg.root = dcfg.root or rc_data.get("root")
+        dcfg.max_per_class = dcfg.max_per_class or rc_data.get("max_per_class")
     data = load_dataset(dcfg)
+    made = result.zca.fingerprint if result.zca is not None else None
+    have = data.zca.fingerprint if data.zca is not None else None
+    if made != have:
+        raise ValueError(
+            f"zca: the set in {str(run)!r} holds "
+            f"{'ZCA-whitened images (transform ' + made + ')' if made else 'un-whitened images'}"
+            f", but the dataset was loaded "
+            f"{'with ZCA transform ' + have if have else 'without ZCA whitening'}: evaluate it "
+            "on the data it was distilled from (the same --zca, --root, --max-per-class)"
+        )
     if stage is None:
         images, what = result.images, f"chosen set (stage {result.stage})"
     else:
@@ -428,9 +447,10 @@ def evaluate_run(
             raise ValueError(f"stage {stage}: the run has stages {sorted(result.stage_images)}")
         images, what = result.stage_images[stage], f"stage {stage}"
     _LOG.info("evaluating the %s of %s: %d images", what, run, images.shape[0])
+    labels = result.labels if stage is None else result.stage_labels.get(stage, result.labels)
     ev = evaluate(
         images,
-        result.labels,
+        labels,
         data,
         **eval_kwargs(cfg),
         seed=seed,

@@ -336,7 +336,12 @@ class Command:
 def _paths(nested: Mapping[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k, v in nested.items():
-        if isinstance(v, Mapping) and k not in ("kwargs", "model_kwargs", "per_algorithm"):
+        if isinstance(v, Mapping) and k not in (
+            "kwargs",
+            "model_kwargs",
+            "per_algorithm",
+            "pixel_per_algorithm",
+        ):
             out += _paths(v, f"{prefix}{k}.")
         else:
             out.append(f"{prefix}{k}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from hpd_fast.data.zca import ZCA
 
 __all__ = ["DistillData"]
 
@@ -24,6 +28,10 @@ class DistillData:
         test_labels: int64 [N_test].
         class_names: one human-readable name per class; ``len(class_names) == num_classes``.
         mean, std: per-channel normalization constants (tuples of C floats).
+        zca: the ZCA whitening fitted on the training split (:class:`hpd_fast.data.zca.ZCA`;
+            ``load(..., zca=True)``), or None. When set, both splits hold *whitened* images
+            (``zca.whiten`` of the normalized ones): the space experts, distillation losses
+            and evaluation work in; ``zca.unwhiten`` maps back for pictures.
 
     Derived: ``num_classes``, ``channels`` (C), ``im_size`` ((H, W)).
     """
@@ -36,6 +44,7 @@ class DistillData:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    zca: ZCA | None = None
 
     def __post_init__(self) -> None:
         self.class_names = [str(c) for c in self.class_names]
@@ -73,6 +82,11 @@ class DistillData:
         c = self.train_images.shape[1]
         if len(self.mean) != c or len(self.std) != c:
             raise ValueError(f"mean and std must have one value per channel ({c})")
+        if self.zca is not None and tuple(self.zca.shape) != tuple(self.train_images.shape[1:]):
+            raise ValueError(
+                f"zca whitens images {self.zca.shape}, but the images are "
+                f"{tuple(self.train_images.shape[1:])}"
+            )
 
     # ----------------------------------------------------------------------------- shape info
 
@@ -99,7 +113,9 @@ class DistillData:
         c, (h, w) = self.channels, self.im_size
         return (
             f"DistillData(name={self.name!r}, train={len(self)}, test={self.test_images.shape[0]}, "
-            f"classes={self.num_classes}, image={c}x{h}x{w})"
+            f"classes={self.num_classes}, image={c}x{h}x{w}"
+            + (", zca" if self.zca is not None else "")
+            + ")"
         )
 
     # ---------------------------------------------------------------------------------- access

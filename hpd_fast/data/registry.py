@@ -13,8 +13,9 @@ from hpd_fast.data.digits import load_digits
 from hpd_fast.data.imagefolder import load_imagefolder, load_imagenet_subset
 from hpd_fast.data.subsets import IMAGENET_SUBSETS, SUBSET_ALIASES
 from hpd_fast.data.tinyimagenet import load_tinyimagenet
+from hpd_fast.data.zca import ZCA, ZCA_REGULARIZATION
 
-__all__ = ["DATASET_NAMES", "load"]
+__all__ = ["DATASET_NAMES", "load", "whiten"]
 
 DATASET_NAMES: tuple[str, ...] = (
     "digits",
@@ -52,6 +53,8 @@ def load(
     resolution: int | None = None,
     max_per_class: int | None = None,
     num_workers: int | None = None,
+    zca: bool = False,
+    zca_regularization: float = ZCA_REGULARIZATION,
 ) -> DistillData:
     """Load dataset ``name`` into memory as normalized tensors. Nothing is ever downloaded.
 
@@ -77,6 +80,10 @@ def load(
         max_per_class: keep at most this many training images per class (the first ones in
             file/dataset order); the test split is never capped.
         num_workers: image-decoding threads for folders (default min(8, CPU count)).
+        zca: ZCA-whiten both splits with a transform fitted on the training split (after
+            ``max_per_class``), as MTT does for CIFAR: see :mod:`hpd_fast.data.zca`. The
+            transform is ``data.zca``; refused for images above 64x64 RGB in size.
+        zca_regularization: added to the covariance eigenvalues (MTT / kornia: 0.1).
 
     Returns:
         :class:`DistillData`.
@@ -93,23 +100,46 @@ def load(
     key = _ALIASES.get(key, key)
     if max_per_class is not None:  # numpy integers are ints too
         max_per_class = check_int("max_per_class", max_per_class, 1)
+    if not isinstance(zca, bool):
+        raise ValueError(f"zca must be True or False, got {zca!r}")
+    if isinstance(zca_regularization, bool) or not (
+        isinstance(zca_regularization, (int, float)) and zca_regularization > 0
+    ):
+        raise ValueError(f"zca_regularization must be a number > 0, got {zca_regularization!r}")
     if key == "digits":
         data = load_digits(resolution)
     elif key in ("cifar10", "cifar100"):
         data = load_cifar(key, root, resolution)
     elif key == "tinyimagenet":
-        return load_tinyimagenet(
+        data = load_tinyimagenet(
             root, resolution, max_per_class=max_per_class, num_workers=num_workers
         )
+        max_per_class = None  # applied by the folder reader
     elif key == "imagefolder":
-        return load_imagefolder(
+        data = load_imagefolder(
             root, resolution, max_per_class=max_per_class, num_workers=num_workers
         )
+        max_per_class = None  # applied by the folder reader
     elif key in IMAGENET_SUBSETS:
-        return load_imagenet_subset(
+        data = load_imagenet_subset(
             key, root, resolution, max_per_class=max_per_class, num_workers=num_workers
         )
+        max_per_class = None
     else:
         valid = ", ".join([*DATASET_NAMES, *_ALIASES])
         raise ValueError(f"unknown dataset name {name!r}; valid names: {valid}")
-    return data if max_per_class is None else _cap_per_class(data, max_per_class)
+    if max_per_class is not None:
+        data = _cap_per_class(data, max_per_class)
+    return whiten(data, zca_regularization) if zca else data
+
+
+def whiten(data: DistillData, regularization: float = ZCA_REGULARIZATION) -> DistillData:
+    """``data`` with both splits ZCA-whitened by a transform fitted on its training split
+    (``data.zca``). Refused (ValueError naming ``zca``) for data already whitened."""
+    if data.zca is not None:
+        raise ValueError("zca: the dataset is already ZCA-whitened")
+    t = ZCA.fit(data.train_images, data.mean, data.std, regularization)
+    data.train_images = t.whiten_dataset(data.train_images)
+    data.test_images = t.whiten_dataset(data.test_images)
+    data.zca = t
+    return data

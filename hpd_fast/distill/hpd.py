@@ -58,13 +58,18 @@ from hpd_fast.distill.state import (
 )
 from hpd_fast.distill.trajectory import trajectory_matching_loss
 from hpd_fast.generators.base import StagedGenerator
+from hpd_fast.generators.pixels import PixelGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
+from hpd_fast.params import functional_forward
 from hpd_fast.render import render
 
 __all__ = ["ALGORITHMS", "HPD", "NonFiniteLossError", "SELECTIONS"]
 
 _LOG = logging.getLogger("hpd_fast")
 _F_CLAMP = 10.0
+# soft_labels="onehot": the logit of the labelled class (the others 0) whose softmax gives it
+# probability 0.9; exact one-hot targets would need infinite logits and a dead softmax.
+_ONEHOT_PROB = 0.9
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -114,6 +119,22 @@ class HPD:
             exception raised there stops :meth:`fit` (the last checkpoint stays).
         **overrides: single settings, see above.
 
+    Pixel space: with ``generator=hpd_fast.generators.pixels(data)`` the latents are the images
+    (one stage) and the rates come from ``config.pixel_per_algorithm`` (``lr_f``: the image
+    learning rate).
+
+    Soft labels (``soft_labels="onehot"|"expert"``, trajectory matching only), as DATM: every
+    image gets label logits ``z`` [K] (one-hot logits with probability 0.9 on its class, or the
+    logits of the first expert's last epoch on the initial images), the student steps use the
+    targets ``softmax(z)``, and ``z`` is optimised with its own SGD (``lr_y``, ``momentum_y``)
+    through the trajectory-matching gradient. The result's ``labels`` are then the
+    probabilities ``softmax(z)`` ``[M, K]`` (its ``classes`` the class of every image).
+
+    ZCA: for a dataset loaded with ``zca=True`` the rendered images pass through the dataset's
+    fixed whitening (``dataset.zca.whiten``, differentiable) before every loss and score; a
+    pixel generator already holds whitened images. Results hold whitened images (what
+    evaluation trains on) and the transform (pictures are un-whitened).
+
     The loop: starting at ``first_stage``, ``iterations_per_stage`` SGD steps on the latents
     ``(w, f)``, scoring iterates every ``select_every`` steps (CRFD by default) and keeping
     each stage's best, then ``f`` is pushed one stage deeper from the stage's best (or last)
@@ -162,7 +183,8 @@ class HPD:
                 f"config must be a hpd_fast.config.HPDConfig or None, got {type(config).__name__}"
                 " (single settings go by keyword, e.g. HPD(G, data, ipc=10))"
             )
-        cfg = with_overrides(config, overrides).resolved()
+        self._pixels = isinstance(generator, PixelGenerator)
+        cfg = with_overrides(config, overrides).resolved("pixels" if self._pixels else None)
         self.settings = cfg
         if generator.num_classes != dataset.num_classes:
             raise ValueError(
@@ -174,6 +196,25 @@ class HPD:
             raise ValueError(
                 f"the generator renders images of shape {tuple(generator.image_shape)} but "
                 f"dataset {dataset.name!r} has images of shape {data_shape}"
+            )
+        self.zca = dataset.zca
+        if self._pixels:
+            have = dataset.zca.identity() if dataset.zca is not None else None
+            if generator.zca != have:
+                raise ValueError(
+                    "generator: the pixel generator holds "
+                    f"{'ZCA-whitened' if generator.zca else 'un-whitened'} images of another "
+                    f"dataset than {dataset.name!r} ("
+                    f"{'ZCA-whitened' if have else 'un-whitened'}): build it with "
+                    "hpd_fast.generators.pixels(dataset)"
+                )
+        self.soft_labels = cfg.soft_labels
+        self.lr_y, self.momentum_y = cfg.lr_y, cfg.momentum_y
+        if self.soft_labels != "none" and cfg.algorithm != "mtt":
+            raise ValueError(
+                f"soft_labels={self.soft_labels!r} needs algorithm='mtt' (learned labels are "
+                f"optimised through the trajectory-matching gradient; {cfg.algorithm} takes "
+                "class indices)"
             )
         self.ipc = cfg.ipc
         counts = dataset.class_counts()
@@ -260,6 +301,7 @@ class HPD:
             self._setup_experts(mtt.max_start_epoch, mtt.lr_teacher)
 
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
+        self._y: Tensor | None = None  # soft labels: the label logits being optimised
         # DM / DC over a group: the images of this rank's classes (c % W == rank).
         self._my_images = (self.labels % self._world == self._rank).nonzero().squeeze(1)
         self.config = self._make_config()
@@ -284,6 +326,19 @@ class HPD:
                 f"experts were trained for {cfg.get('num_classes')} classes and images "
                 f"{got}, but the dataset has {self.num_classes} classes and images {data_shape}"
             )
+        meta = getattr(ex, "dataset", None)  # hpd_fast.experts.Experts: the data they saw
+        if isinstance(meta, dict):
+            want = self.dataset.zca.identity() if self.dataset.zca is not None else None
+            got = meta.get("zca")
+            if (got or {}).get("fingerprint") != (want or {}).get("fingerprint"):
+
+                def space(z: Any) -> str:
+                    return "un-whitened images" if not z else f"ZCA-whitened images ({z})"
+
+                raise ValueError(
+                    f"experts were trained on {space(got)}, but the dataset holds "
+                    f"{space(want)}: train the experts with the same zca setting (--zca)"
+                )
         # Only the structure matters (parameters come from the trajectories); building it must
         # not consume the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
@@ -353,6 +408,17 @@ class HPD:
                 "fingerprint": tensor_fingerprint(list(g.state_dict().values())),
             },
         }
+        # Only when used, so that the records of earlier runs stay the same.
+        if self.zca is not None:
+            cfg["dataset"]["zca"] = self.zca.identity()
+        if hasattr(g, "identity"):
+            cfg["generator"].update(g.identity())
+        if self.soft_labels != "none":
+            cfg["soft_labels"] = {
+                "init": self.soft_labels,
+                "lr_y": self.lr_y,
+                "momentum_y": self.momentum_y,
+            }
         if self.algorithm == "mtt":
             cfg["mtt"] = {
                 "syn_steps": self.syn_steps,
@@ -410,6 +476,7 @@ class HPD:
 
     def _loss(self, images: Tensor, stage: int, it: int, syn_lr: Tensor | None) -> Tensor:
         """The distillation loss of iteration ``it`` (0-based) at ``stage`` on ``images``."""
+        images = self._to_data(images)
         gen = self._rng("step", stage, it)
         k = self.num_classes
         c, h, w = self.generator.image_shape
@@ -420,7 +487,7 @@ class HPD:
             return trajectory_matching_loss(
                 self.student,
                 images,
-                self.labels,
+                self.labels if self._y is None else torch.softmax(self._y, dim=1),
                 syn_lr,
                 start,
                 target,
@@ -460,8 +527,36 @@ class HPD:
     # ------------------------------------------------------------------------- rendering
     @torch.no_grad()
     def render(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
-        """Images ``[M, C, H, W]`` of latents at ``stage`` (no graph, in chunks)."""
-        return render(self.generator, w.detach(), f.detach(), stage, self.chunk_size or w.shape[0])
+        """Images ``[M, C, H, W]`` of latents at ``stage`` (no graph, in chunks), in the
+        dataset's space (ZCA-whitened when the dataset is)."""
+        x = render(self.generator, w.detach(), f.detach(), stage, self.chunk_size or w.shape[0])
+        return self._to_data(x)
+
+    def _to_data(self, images: Tensor) -> Tensor:
+        """Rendered images -> the dataset's space: the fixed ZCA layer for a generator on a
+        whitened dataset (differentiable); the identity otherwise (a pixel generator's images
+        already live there)."""
+        if self.zca is None or self._pixels:
+            return images
+        return self.zca.whiten(images)
+
+    @torch.no_grad()
+    def _initial_label_logits(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
+        """Soft labels: the starting logits ``[M, K]`` (see the class docstring)."""
+        k = self.num_classes
+        if self.soft_labels == "onehot":
+            high = math.log(_ONEHOT_PROB * (k - 1) / (1 - _ONEHOT_PROB)) if k > 1 else 0.0
+            return torch.nn.functional.one_hot(self.labels, k).float() * high
+        # DATM: the expert's parameters at its last epoch, on the initial synthetic images.
+        traj = self.experts.trajectories[0]
+        params = traj[-1].to(self.device, torch.float32)
+        images = self.render(w, f, stage)
+        chunk = self.chunk_size or images.shape[0]
+        logits = [
+            functional_forward(self.student, params, images[a : a + chunk])
+            for a in range(0, images.shape[0], chunk)
+        ]
+        return torch.cat(logits).float()
 
     @torch.no_grad()
     def _advance(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
@@ -487,7 +582,7 @@ class HPD:
 
     def _score(self, cands: list[Candidate], stage: int) -> list[float]:
         imgs = [self.render(c.w, c.f, stage) for c in cands]
-        if self.select == "crfd":
+        if self.select == "crfd":  # class means: by class index, also with soft labels
             return [float(v) for v in self._crfd.score(imgs, self.labels)]
         from hpd_fast.evaluation import evaluate
 
@@ -496,8 +591,9 @@ class HPD:
         models = kw.get("models", ("ConvNet",))
         first = models if isinstance(models, str) else models[0]
         out = []
-        for x in imgs:
-            res = evaluate(x.cpu(), self.labels.cpu(), self.dataset, **kw)
+        for x, c in zip(imgs, cands):
+            y = self.labels if c.y is None else torch.softmax(c.y, dim=1)
+            res = evaluate(x.cpu(), y.cpu(), self.dataset, **kw)
             out.append(-float(res[first]["mean"]))
         return out
 
@@ -537,6 +633,8 @@ class HPD:
             st.stage, st.iteration = self.first_stage, 0
             st.w, st.f = w, f
             st.syn_lr = torch.tensor(self.lr_teacher, device=self.device)
+            if self.soft_labels != "none":
+                st.y = self._initial_label_logits(w, f, self.first_stage)
             self._new_optimizers(st, keep_lr_state=False)
             self._add_candidate(st)
         total = (self.last_stage - self.first_stage + 1) * self.iterations_per_stage
@@ -623,14 +721,12 @@ class HPD:
         # New leaves (fresh, contiguous memory) for the new optimiser.
         st.w = private_copy(st.w).requires_grad_(True)
         st.f = private_copy(st.f).requires_grad_(True)
-        st.opt = torch.optim.SGD(
-            [
-                {"params": [st.w], "lr": self.lr_w},
-                {"params": [st.f], "lr": self.lr_f},
-            ],
-            lr=self.lr_f,
-            momentum=self.momentum,
-        )
+        groups = [{"params": [st.w], "lr": self.lr_w}, {"params": [st.f], "lr": self.lr_f}]
+        if st.y is not None:  # soft labels: their own rate and momentum, in the same optimiser
+            st.y = private_copy(st.y).requires_grad_(True)
+            groups.append({"params": [st.y], "lr": self.lr_y, "momentum": self.momentum_y})
+        self._y = st.y
+        st.opt = torch.optim.SGD(groups, lr=self.lr_f, momentum=self.momentum)
         if self.algorithm == "mtt" and not keep_lr_state:
             st.syn_lr = st.syn_lr.detach().clone().requires_grad_(True)
             st.opt_lr = torch.optim.SGD([st.syn_lr], lr=self.lr_lr, momentum=self.momentum)
@@ -663,6 +759,7 @@ class HPD:
                 f"the {self.algorithm} loss is {value} {where}: lower lr_w / lr_f{keep}"
             )
         inputs = [st.w, st.f] + ([st.syn_lr] if syn_lr is not None else [])
+        inputs += [st.y] if st.y is not None else []  # soft labels: their logits learn too
         torch.autograd.backward(loss, inputs=inputs)
         for name, t in (
             ("w", st.w),
@@ -682,7 +779,8 @@ class HPD:
     def _add_candidate(self, st: RunState) -> None:
         if self.select == "last":
             return
-        st.pending.append(Candidate(st.iteration, private_copy(st.w), private_copy(st.f)))
+        y = None if st.y is None else private_copy(st.y)
+        st.pending.append(Candidate(st.iteration, private_copy(st.w), private_copy(st.f), y))
 
     def _flush(self, st: RunState) -> None:
         if not st.pending:
@@ -698,6 +796,7 @@ class HPD:
                     "score": score,
                     "w": cand.w,
                     "f": cand.f,
+                    "y": cand.y,
                 }
         st.pending = []
         st.add_time("select", time.perf_counter() - t0)
@@ -710,17 +809,19 @@ class HPD:
                 "score": None,
                 "w": private_copy(st.w),
                 "f": private_copy(st.f),
+                "y": None if st.y is None else private_copy(st.y),
             }
         else:
             self._flush(st)
         if stage >= self.last_stage:
             st.finished = True
             return
-        src = st.best[stage] if self.continue_from == "best" else {"w": st.w, "f": st.f}
+        src = st.best[stage] if self.continue_from == "best" else {"w": st.w, "f": st.f, "y": st.y}
         w = private_copy(src["w"])
         f = private_copy(self._advance(w, src["f"].detach(), stage))
         st.stage, st.iteration = stage + 1, 0
         st.w, st.f = w, f
+        st.y = None if src.get("y") is None else private_copy(src["y"])
         self._new_optimizers(st, keep_lr_state=True)
         self._add_candidate(st)
 
@@ -736,9 +837,18 @@ class HPD:
         # Random real images at the same IPC (or fewer, for a smaller class), for the overview.
         real_ipc = min(self.ipc, int(self.dataset.class_counts().min()))
         real_x, real_y = self.dataset.random_real(real_ipc, self.seed)
+
+        def probabilities(best: dict[str, Any]) -> Tensor:  # soft labels: softmax(logits)
+            return torch.softmax(best["y"].detach().float(), dim=1).cpu()
+
+        soft = b.get("y") is not None
+        extra: dict[str, Any] = {"zca": self.zca}
+        if soft:
+            extra["classes"] = self.labels.cpu()
+            extra["stage_labels"] = {k: probabilities(v) for k, v in st.best.items()}
         return DistillResult(
             images=stage_images[chosen].clone(),
-            labels=self.labels.cpu(),
+            labels=probabilities(b) if soft else self.labels.cpu(),
             w=b["w"].detach().cpu().clone(),
             f=b["f"].detach().cpu().clone(),
             stage=chosen,
@@ -758,6 +868,7 @@ class HPD:
             real_images=real_x.detach().cpu().float(),
             real_labels=real_y.detach().cpu(),
             class_names=list(self.dataset.class_names),
+            **extra,
         )
 
     # ------------------------------------------------------------------------- checkpoints
@@ -785,6 +896,12 @@ class HPD:
             tensors[f"pending{i}.w"], tensors[f"pending{i}.f"] = c.w, c.f
         for k, b in st.best.items():
             tensors[f"best{k}.w"], tensors[f"best{k}.f"] = b["w"], b["f"]
+        if st.y is not None:  # soft labels: the logits of the state, candidates and bests
+            tensors["y"] = st.y
+            for i, c in enumerate(st.pending):
+                tensors[f"pending{i}.y"] = c.y
+            for k, b in st.best.items():
+                tensors[f"best{k}.y"] = b["y"]
         meta["opt"] = pack_optimizer(st.opt, "opt", tensors)
         if st.opt_lr is not None:
             tensors["syn_lr"] = st.syn_lr.reshape(1)
@@ -810,12 +927,22 @@ class HPD:
         st.w, st.f = tensors["w"].to(dev), tensors["f"].to(dev)
         if self.algorithm == "mtt":
             st.syn_lr = tensors["syn_lr"].reshape(()).to(dev)
+        st.y = tensors["y"].to(dev) if "y" in tensors else None
+
+        def y_of(name: str) -> Tensor | None:
+            return tensors[name].to(dev) if name in tensors else None
+
         self._new_optimizers(st, keep_lr_state=False)
         unpack_optimizer(st.opt, meta["opt"], "opt", tensors, dev)
         if st.opt_lr is not None:
             unpack_optimizer(st.opt_lr, meta["opt_lr"], "opt_lr", tensors, dev)
         st.pending = [
-            Candidate(int(it), tensors[f"pending{i}.w"].to(dev), tensors[f"pending{i}.f"].to(dev))
+            Candidate(
+                int(it),
+                tensors[f"pending{i}.w"].to(dev),
+                tensors[f"pending{i}.f"].to(dev),
+                y_of(f"pending{i}.y"),
+            )
             for i, it in enumerate(meta["pending"])
         ]
         st.best = {
@@ -824,6 +951,7 @@ class HPD:
                 "score": b["score"],
                 "w": tensors[f"best{k}.w"].to(dev),
                 "f": tensors[f"best{k}.f"].to(dev),
+                "y": y_of(f"best{k}.y"),
             }
             for k, b in meta["best"].items()
         }

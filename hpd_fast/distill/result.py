@@ -34,6 +34,15 @@ from hpd_fast.figures import save_figures, save_grid
 
 __all__ = ["DistillResult", "save_grid"]
 
+
+def _load_zca(tensors: dict[str, Tensor], meta: Any) -> Any:
+    if meta is None:
+        return None
+    from hpd_fast.data.zca import ZCA
+
+    return ZCA.from_state(tensors, meta, "zca")
+
+
 _FORMAT = "hpd_fast.DistillResult"
 _VERSION = 1
 
@@ -44,7 +53,8 @@ class DistillResult:
 
     Attributes:
         images: float32 ``[M, C, H, W]`` chosen synthetic images, normalised like the dataset.
-        labels: int64 ``[M]`` their classes (class-major: ``ipc`` images of class 0 first).
+        labels: int64 ``[M]`` their classes (class-major: ``ipc`` images of class 0 first), or
+            float ``[M, K]`` learned soft labels (probabilities; ``HPD(soft_labels=...)``).
         w: the chosen latent code ``[M, *w_shape]``; f: the chosen feature ``[M, *f_shape]``
             at stage ``stage``.
         stage: the chosen stage (1-based); iteration: the chosen iterate within it (0 = the
@@ -65,6 +75,11 @@ class DistillResult:
         run_config: the resolved :class:`hpd_fast.config.RunConfig` of the run that made it
             (as a dict; :func:`hpd_fast.run.distill_run` fills it), so that
             ``hpd-fast distill --config <dir>/summary.json`` repeats the run.
+        classes: int64 ``[M]`` the class of every image (for the figures); defaults to
+            ``labels`` (hard) or ``labels.argmax(1)`` (soft).
+        stage_labels: soft labels only: per stage ``k``, the best iterate's labels ``[M, K]``.
+        zca: the dataset's :class:`~hpd_fast.data.zca.ZCA` when it was whitened (images are
+            then whitened; :meth:`denormalized` un-whitens them for pictures), else None.
     """
 
     images: Tensor
@@ -87,8 +102,13 @@ class DistillResult:
     real_labels: Tensor | None = None
     class_names: list[str] | None = None
     run_config: dict[str, Any] | None = None
+    classes: Tensor | None = None
+    stage_labels: dict[int, Tensor] = field(default_factory=dict)
+    zca: Any = None
 
     def __post_init__(self) -> None:
+        if self.classes is None:
+            self.classes = self.labels.argmax(1) if self.labels.dim() == 2 else self.labels
         if (self.real_images is None) != (self.real_labels is None):
             raise ValueError("real_images and real_labels are given together (or neither)")
         x, y = self.real_images, self.real_labels
@@ -112,6 +132,8 @@ class DistillResult:
     def denormalized(self, images: Tensor | None = None) -> Tensor:
         """Pixels in [0, 1] (clamped) of ``images`` (default: the chosen images)."""
         x = (self.images if images is None else images).detach().float().cpu()
+        if self.zca is not None:  # whitened images: back to the dataset's normalisation
+            x = self.zca.unwhiten(x.double()).float()
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0.0, 1.0)
@@ -137,6 +159,7 @@ class DistillResult:
             "std": list(self.std),
             **({} if self.class_names is None else {"class_names": self.class_names}),
             **({} if self.run_config is None else {"run_config": self.run_config}),
+            **({} if self.zca is None else {"zca": self.zca.state_meta()}),
         }
 
     def save(self, directory: str | os.PathLike[str], *, figures: bool = True) -> Path:
@@ -164,6 +187,11 @@ class DistillResult:
         if self.real_images is not None and self.real_labels is not None:
             tensors["real.images"] = self.real_images
             tensors["real.labels"] = self.real_labels
+        if self.labels.dim() == 2:  # soft labels: the classes, every stage's labels
+            tensors["classes"] = self.classes
+            tensors.update({f"stage{k}.labels": v for k, v in self.stage_labels.items()})
+        if self.zca is not None:
+            tensors.update(self.zca.state_tensors("zca"))
         tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
         tmp = out / "tensors.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"format": _FORMAT})
@@ -209,4 +237,7 @@ class DistillResult:
             real_labels=t.get("real.labels"),
             class_names=meta.get("class_names"),
             run_config=meta.get("run_config"),
+            classes=t.get("classes"),
+            stage_labels={k: t[f"stage{k}.labels"] for k in stages if f"stage{k}.labels" in t},
+            zca=_load_zca(t, meta.get("zca")),
         )

@@ -56,6 +56,7 @@ class Candidate:
     iteration: int
     w: Tensor
     f: Tensor
+    y: Tensor | None = None  # soft labels: the label logits of the iterate
 
 
 class RunState:
@@ -68,6 +69,7 @@ class RunState:
         self.w: Tensor = torch.empty(0)
         self.f: Tensor = torch.empty(0)
         self.syn_lr: Tensor = torch.zeros(())
+        self.y: Tensor | None = None  # soft labels: label logits [M, K] (None: hard labels)
         self.opt: torch.optim.Optimizer | None = None
         self.opt_lr: torch.optim.Optimizer | None = None
         self.pending: list[Candidate] = []

@@ -65,6 +65,8 @@ def cache_settings(
         "augment": "none" if config.augment is None else config.augment,
         "seed": int(seed),
     }
+    if data.zca is not None:  # ZCA-whitened data (absent otherwise: earlier keys unchanged)
+        settings["zca"] = data.zca.identity()
     if config.momentum:
         settings["momentum"] = float(config.momentum)
     if config.weight_decay:

@@ -367,6 +367,8 @@ def train_experts(
             "mean": list(dataset.mean),
             "std": list(dataset.std),
             "fingerprint": data_fingerprint(dataset),
+            # only when whitened, so that earlier expert files stay compatible
+            **({"zca": dataset.zca.identity()} if dataset.zca is not None else {}),
         },
         "training": {
             "epochs": epochs,
