@@ -472,7 +472,8 @@ class RunConfig:
 
     preset: str = setting(
         "auto",
-        "named settings (default, digits, hpd-cifar, hpd-imagenet) under every other option; "
+        "named settings (default, digits, hpd-cifar, hpd-imagenet, hpd-stylegan-xl) under "
+        "every other option; "
         "auto: digits for the embedded digits, hpd-cifar for CIFAR-10/100, hpd-imagenet for "
         "ImageNet subsets, default otherwise",
         metavar="NAME",
@@ -550,12 +551,23 @@ def _published(name: str, dataset: str) -> RunConfig:
     return cfg
 
 
+def _hpd_stylegan_xl() -> RunConfig:
+    # H-PD's layer range on StyleGAN-XL: stage 1 is the Fourier-feature input, which H-PD never
+    # optimises; H-PD's layer k is stage k + 1 and it stops at layer 9
+    # (docs/stylegan_layers.md).
+    cfg = _published("hpd-stylegan-xl", "imagenette")
+    cfg.hpd.first_stage = 2
+    cfg.hpd.last_stage = 10
+    return cfg
+
+
 #: Named settings. ``preset(name)`` returns a fresh copy.
 PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
     "default": lambda: RunConfig(preset="default"),
     "digits": _digits,
     "hpd-cifar": lambda: _published("hpd-cifar", "cifar10"),
     "hpd-imagenet": lambda: _published("hpd-imagenet", "imagenette"),
+    "hpd-stylegan-xl": _hpd_stylegan_xl,
 }
 
 
