@@ -10,6 +10,7 @@ A whole ``hpd-fast distill`` run is a :class:`RunConfig`::
     RunConfig
       data:      DataConfig       which dataset, where, at which resolution
       generator: GeneratorConfig  the staged generator
+      generator_train: GeneratorTrainConfig  training one (--generator auto)
       experts:   ExpertConfig     expert trajectories (trajectory matching)
       hpd:       HPDConfig        the H-PD loop
         mtt:     MTTConfig        trajectory matching
@@ -45,6 +46,7 @@ __all__ = [
     "EvalConfig",
     "ExpertConfig",
     "GeneratorConfig",
+    "GeneratorTrainConfig",
     "HPDConfig",
     "MTTConfig",
     "MatchConfig",
@@ -132,9 +134,11 @@ class GeneratorConfig:
 
     source: str = setting(
         "pretrained",
-        "'pretrained' (the generator shipped for the dataset), a ConvGenerator file "
-        "(.safetensors + .json from hpd_fast.generators.save_generator), or a StyleGAN network "
-        "pickle (.pkl; needs --allow-pickle and the official code importable), or 'pixels' "
+        "'pretrained' (the generator shipped for the dataset), 'auto' (the shipped one, else "
+        "a ConvGenerator trained once with the --generator-* settings and cached), a "
+        "ConvGenerator file or folder (from `hpd-fast generator train` or "
+        "hpd_fast.generators.save_generator), or a StyleGAN network pickle (.pkl; needs "
+        "--allow-pickle and the official code importable), or 'pixels' "
         "(optimise the images themselves: MTT / DM / DC in pixel space; see "
         "hpd_fast.generators.pixels)",
         flag="--generator",
@@ -466,6 +470,47 @@ class EvalConfig:
     enabled: bool = setting(True, "evaluate the distilled set", flags={"distill": "--eval"})
 
 
+def _gen(name: str) -> dict[str, Any]:
+    """Flags of a :class:`GeneratorTrainConfig` field: ``--generator-<name>`` in ``distill``,
+    ``--<name>`` in ``hpd-fast generator train``."""
+    return {"flag": f"--generator-{name}", "flags": {"generator": f"--{name}"}}
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """Training a ConvGenerator for a dataset (``hpd-fast generator train``; ``distill
+    --generator auto`` when none ships). The defaults made the shipped digits generator."""
+
+    epochs: int = setting(80, "passes over the training images", minimum=1, **_gen("epochs"))
+    batch_size: int = setting(
+        64, "minibatch size (capped at the number of images)", minimum=1, **_gen("batch-size")
+    )
+    lr: float = setting(5e-4, "Adam learning rate of both networks", minimum=1, **_gen("lr"))
+    latent_dim: int = setting(32, "size of z and w", minimum=1, **_gen("latent-dim"))
+    width: int = setting(32, "channels of every synthesis stage", minimum=1, **_gen("width"))
+    d_width: int = setting(32, "discriminator channels", minimum=1, **_gen("d-width"))
+    num_stages: int | None = setting(
+        None,
+        "synthesis stages",
+        minimum=2,
+        shown="doublings + 2: 4 for 8x8 and 16x16, 5 for 32x32",
+        **_gen("stages"),
+    )
+    cond_weight: float = setting(
+        0.1, "weight of the auxiliary classification loss", minimum=0, **_gen("cond-weight")
+    )
+    diversity_weight: float = setting(
+        0.2, "weight of the mode-seeking term", minimum=0, **_gen("diversity-weight")
+    )
+    ema_decay: float = setting(
+        0.999, "decay of the generator weight average kept", minimum=0, **_gen("ema-decay")
+    )
+    seed: int = setting(0, "seed of the generator's training", minimum=0, **_gen("seed"))
+    checkpoint_every: int = setting(
+        200, "steps between resumable checkpoints", minimum=1, **_gen("checkpoint-every")
+    )
+
+
 @dataclass
 class RunConfig:
     """A whole ``hpd-fast distill`` run (:func:`hpd_fast.run.distill_run`)."""
@@ -489,6 +534,7 @@ class RunConfig:
     )
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator_train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     hpd: HPDConfig = field(default_factory=HPDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,9 +1,9 @@
 """The ``hpd-fast`` command line (also ``python -m hpd_fast``).
 
-One module per command — ``experts``, ``distill``, ``evaluate``, ``bench``, ``info`` — each of
-which parses, calls one library function and prints. The options of ``experts``, ``distill``
-and ``evaluate`` are generated from :mod:`hpd_fast.config` (one source of every setting, its
-default and its help); ``--config FILE`` reads a JSON or TOML file into the same dataclasses.
+One module per command — ``experts``, ``distill``, ``evaluate``, ``generator``, ``bench``,
+``info`` — each of which parses, calls one library function and prints. The options of
+``experts``, ``distill``, ``evaluate`` and ``generator`` are generated from
+:mod:`hpd_fast.config` (one source of every setting, its default and its help); ``--config FILE`` reads a JSON or TOML file into the same dataclasses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hpd_fast.cli import bench, distill, evaluate, experts, info
+from hpd_fast.cli import bench, distill, evaluate, experts, generator, info
 from hpd_fast.cli._options import PROG, CLIError, Command
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _COMMANDS.clear()
-    for module in (experts, distill, evaluate):
+    for module in (experts, distill, evaluate, generator):
         cmd = module.register(sub)
         _COMMANDS[cmd.name] = cmd
     bench.register(sub)

@@ -15,6 +15,7 @@ SECTIONS = (
     ("run", ""),
     ("data", "data"),
     ("generator", "generator"),
+    ("generator training (--generator auto)", "generator_train"),
     ("H-PD", "hpd"),
     ("trajectory matching (--algorithm mtt)", "hpd.mtt"),
     ("experts (--algorithm mtt)", "experts"),

@@ -4,6 +4,8 @@
 - :class:`ConvGenerator`: a small class-conditional generator, :func:`train_generator` to train
   it, :func:`save_generator` / :func:`load_generator`, and :func:`pretrained` for the checkpoint
   shipped with the package (digits).
+- :func:`train_for_dataset`: train one for a dataset into a folder (resumable; weights, JSON and
+  a sample grid), :func:`cached_generator`: the same in the cache (``--generator auto``).
 - :func:`from_modules`: any list of modules as stages.
 - :func:`pixels`: pixel space (one stage whose latents are the images), for MTT / DM / DC on
   pixels through the same loop.
@@ -13,6 +15,7 @@
 
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.generators.convgen import ConvGenerator, stage_layout
+from hpd_fast.generators.fit import cached_generator, train_for_dataset
 from hpd_fast.generators.io import load_generator, pretrained, save_generator
 from hpd_fast.generators.modules import ModuleGenerator, from_modules
 from hpd_fast.generators.pixels import PIXEL_INITS, PixelGenerator, pixels
@@ -26,6 +29,7 @@ __all__ = [
     "PixelGenerator",
     "StagedGenerator",
     "StyleGANGenerator",
+    "cached_generator",
     "from_modules",
     "from_stylegan",
     "load_generator",
@@ -34,5 +38,6 @@ __all__ = [
     "pretrained",
     "save_generator",
     "stage_layout",
+    "train_for_dataset",
     "train_generator",
 ]

@@ -67,8 +67,11 @@ _PRETRAINED = {"digits": "digits_convgen"}
 
 
 def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """(weights, config) paths: ``x.safetensors`` and ``x.json`` for ``x`` or ``x.safetensors``."""
+    """(weights, config) paths: ``x.safetensors`` and ``x.json`` for ``x`` or ``x.safetensors``;
+    ``folder/generator.*`` for a folder (what ``hpd-fast generator train`` writes)."""
     p = Path(path)
+    if p.is_dir():
+        p = p / "generator"
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
@@ -108,7 +111,8 @@ def load_generator(
     """Read a generator written by :func:`save_generator` (safetensors + JSON; never pickle).
 
     Args:
-        path: ``<name>``, ``<name>.safetensors`` or ``<name>.json``.
+        path: ``<name>``, ``<name>.safetensors``, ``<name>.json``, or a folder holding
+            ``generator.*`` (as `hpd-fast generator train` writes).
         map_location: device for the weights.
 
     Returns:

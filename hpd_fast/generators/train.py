@@ -15,16 +15,20 @@ machine, thread count and torch version.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from tqdm import tqdm
 
+from hpd_fast._common import logger, progress_bar
 from hpd_fast.generators.base import check_labels
 from hpd_fast.generators.convgen import ConvGenerator
 
@@ -118,8 +122,11 @@ def train_generator(
     diversity_weight: float = 0.2,
     ema_decay: float = 0.999,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = True,
     out: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 200,
+    device: torch.device | str | None = None,
 ) -> ConvGenerator:
     """Train a :class:`ConvGenerator` on labelled images.
 
@@ -143,8 +150,17 @@ def train_generator(
             ``1 / (mean|G(z1, y) - G(z2, y)| / mean|z1 - z2| + 1e-5)`` (0 = off).
         ema_decay: decay of the generator weight average that is returned.
         seed: seed of all randomness.
-        progress: show a tqdm bar.
+        progress: True: a tqdm bar; None: the bar on a terminal, else a log line (logger
+            ``hpd_fast``) every ``checkpoint_every`` steps; False: nothing.
         out: if given, the trained generator is saved there with :func:`save_generator`.
+        checkpoint: a ``.safetensors`` file holding the whole training state (both networks,
+            the weight average, both optimisers, the random stream, the step), rewritten
+            atomically every ``checkpoint_every`` steps. If it exists and was written with the
+            same settings and data, training resumes from it and ends with the weights an
+            uninterrupted run gives; one of other settings raises ValueError.
+        checkpoint_every: steps between checkpoints (and progress lines).
+        device: where to train (default the CPU); z and the shuffling are drawn on the CPU, so
+            the random stream does not depend on it.
 
     The defaults are the settings of the shipped digits checkpoint (1,760 steps on the 1,438
     digits training images, about 4.5 CPU-minutes on one thread).
@@ -172,6 +188,11 @@ def train_generator(
     batch_size = min(int(batch_size), n)
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size}, {epochs}")
+    if not 0 <= float(ema_decay) < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     steps_per_epoch = n // batch_size
     total = steps_per_epoch * int(epochs)
     settings: dict[str, Any] = {
@@ -188,6 +209,7 @@ def train_generator(
         "loss": "hinge + auxiliary cross-entropy + mode seeking, projection discriminator",
     }
 
+    identity = _identity(settings, num_classes, latent_dim, width, num_stages, real, labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -202,20 +224,36 @@ def train_generator(
         )
         D = _ProjectionDiscriminator(num_classes, tuple(real.shape[1:]), d_width)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        G, D, G_ema = G.to(dev), D.to(dev), G_ema.to(dev)
         opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.99))
         opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.99))
+        nets = {"G": G, "D": D, "G_ema": G_ema}
+        opts = {"opt_g": opt_g, "opt_d": opt_d}
 
-        bar = tqdm(total=total, desc="train generator", disable=not progress, unit="step")
-        step = 0
-        for _ in range(int(epochs)):
-            order = torch.randperm(n, generator=gen)
-            for i in range(steps_per_epoch):
-                idx = order[i * batch_size : (i + 1) * batch_size]
+        step, order = 0, None
+        if checkpoint is not None and Path(checkpoint).is_file():
+            step, order = _load_checkpoint(Path(checkpoint), identity, nets, opts, gen, dev)
+            logger.info(
+                "train generator: resuming at step %d of %d from %s", step, total, checkpoint
+            )
+        real, labels = real.to(dev), labels.to(dev)
+
+        bar, log_lines = progress_bar(
+            progress, total=total, initial=step, desc="train generator", unit="step"
+        )
+        loss_d = loss_g = torch.zeros(())
+        t0 = time.perf_counter()
+        with bar:
+            while step < total:
+                i = step % steps_per_epoch
+                if i == 0:
+                    order = torch.randperm(n, generator=gen)
+                idx = order[i * batch_size : (i + 1) * batch_size].to(dev)
                 x, y = real[idx], labels[idx]
-                z = torch.randn(batch_size, latent_dim, generator=gen)
+                z = torch.randn(batch_size, latent_dim, generator=gen).to(dev)
                 # Two halves with the same labels, for the mode-seeking term.
                 half = torch.randint(0, num_classes, ((batch_size + 1) // 2,), generator=gen)
-                y_fake = torch.cat([half, half])[:batch_size]
+                y_fake = torch.cat([half, half])[:batch_size].to(dev)
 
                 # Discriminator: hinge on real/fake + classification of real images.
                 with torch.no_grad():
@@ -251,11 +289,130 @@ def train_generator(
                 bar.update(1)
                 if step % 50 == 0 or step == total:
                     bar.set_postfix(loss_d=f"{loss_d.item():.3f}", loss_g=f"{loss_g.item():.3f}")
-        bar.close()
+                if step % int(checkpoint_every) == 0 or step == total:
+                    if checkpoint is not None and step < total:
+                        _save_checkpoint(Path(checkpoint), identity, step, order, nets, opts, gen)
+                    if log_lines:
+                        logger.info(
+                            "train generator: step %d/%d, loss D %.3f, G %.3f, %.1f s",
+                            step,
+                            total,
+                            loss_d.item(),
+                            loss_g.item(),
+                            time.perf_counter() - t0,
+                        )
 
+    G_ema = G_ema.to("cpu")
     G_ema.training_config = settings
     if out is not None:
         from hpd_fast.generators.io import save_generator
 
         save_generator(G_ema, out)
     return G_ema
+
+
+# ------------------------------------------------------------------------------------------
+# the resumable training state
+# ------------------------------------------------------------------------------------------
+
+_CKPT_FORMAT = "hpd_fast.GeneratorTrainingCheckpoint"
+
+
+def _identity(
+    settings: Mapping[str, Any],
+    num_classes: int,
+    latent_dim: int,
+    width: int,
+    num_stages: int | None,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+) -> str:
+    """What decides the training: settings, architecture and a fingerprint of the data."""
+    h = hashlib.sha256()
+    spec = {
+        **settings,
+        "num_classes": int(num_classes),
+        "latent_dim": int(latent_dim),
+        "width": int(width),
+        "num_stages": num_stages,
+        "shape": list(real.shape),
+    }
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    h.update(labels.numpy().tobytes())
+    h.update(real.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_checkpoint(
+    path: Path,
+    identity: str,
+    step: int,
+    order: torch.Tensor,
+    nets: Mapping[str, nn.Module],
+    opts: Mapping[str, torch.optim.Optimizer],
+    gen: torch.Generator,
+) -> None:
+    """One safetensors file, replaced atomically: a kill leaves the previous one or this."""
+    from hpd_fast._files import atomic_save_tensors
+
+    tensors: dict[str, torch.Tensor] = {"order": order, "rng": gen.get_state()}
+    for name, net in nets.items():
+        for k, v in net.state_dict().items():
+            tensors[f"{name}/{k}"] = v
+    for name, opt in opts.items():
+        for idx, st in opt.state_dict()["state"].items():
+            for k, v in st.items():
+                tensors[f"{name}/{idx}/{k}"] = torch.as_tensor(v)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": _CKPT_FORMAT, "identity": identity, "step": str(step)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(path, tensors, meta)
+
+
+def _load_checkpoint(
+    path: Path,
+    identity: str,
+    nets: Mapping[str, nn.Module],
+    opts: Mapping[str, torch.optim.Optimizer],
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[int, torch.Tensor]:
+    """Restore the state of :func:`_save_checkpoint` in place; ``(step, epoch order)``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"generator training checkpoint {str(path)!r} is not readable ({exc}); delete it "
+            "to start afresh"
+        ) from None
+    if meta.get("format") != _CKPT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a generator training checkpoint")
+    if meta.get("identity") != identity:
+        raise ValueError(
+            f"generator training checkpoint {str(path)!r} was written with other settings or "
+            "data; delete it (or the folder) to start afresh"
+        )
+    for name, net in nets.items():
+        prefix = f"{name}/"
+        net.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            parts = k.split("/")
+            if parts[0] == name:
+                state.setdefault(int(parts[1]), {})[parts[2]] = v
+        sd["state"] = state
+        opt.load_state_dict(sd)
+        for st in opt.state.values():  # Adam keeps "step" on the CPU
+            for k, v in st.items():
+                if k != "step":
+                    st[k] = v.to(device)
+    gen.set_state(tensors["rng"])
+    return int(meta["step"]), tensors["order"]
