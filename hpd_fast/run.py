@@ -33,6 +33,7 @@ from hpd_fast.config import (
     DataConfig,
     EvalConfig,
     GeneratorConfig,
+    GeneratorTrainConfig,
     RunConfig,
     config_to_dict,
     preset,
@@ -97,26 +98,64 @@ def load_dataset(config: DataConfig) -> DistillData:
     )
 
 
-def load_generator(config: GeneratorConfig, data: DistillData, device: torch.device | str):
+def load_generator(
+    config: GeneratorConfig,
+    data: DistillData,
+    device: torch.device | str,
+    *,
+    train: GeneratorTrainConfig | None = None,
+    data_config: DataConfig | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+    group: Any = None,
+):
     """The staged generator a :class:`~hpd_fast.config.GeneratorConfig` names, on ``device``.
+
+    ``source="auto"``: the generator shipped for the dataset when there is one for its image
+    size, else a ConvGenerator trained with ``train`` (default
+    :class:`~hpd_fast.config.GeneratorTrainConfig`) and cached
+    (:func:`hpd_fast.generators.cached_generator`; ``data_config`` and ``cache_dir`` as for
+    the expert cache; ``progress`` and ``group`` as for :func:`distill_run`).
 
     Raises:
         ValueError / FileNotFoundError: naming the file or the option (``--generator``,
-            ``--allow-pickle``) when it cannot be loaded.
+            ``--allow-pickle``, ``--resolution``) when it cannot be loaded or trained; settings
+            a generator cannot be trained with are refused before training starts.
     """
     from hpd_fast import generators as G
 
     spec = config.source
     if spec == "pixels":  # the images themselves (the dataset's space: whitened with --zca)
         return G.pixels(data, init=config.pixel_init).to(device).eval()
-    if spec == "pretrained":
+    if spec == "auto":
+        gen = None
+        try:
+            shipped = G.pretrained(data.name)
+        except (ValueError, FileNotFoundError):
+            shipped = None
+        if shipped is not None and tuple(shipped.image_shape) == (data.channels, *data.im_size):
+            _LOG.info("generator: the one shipped for %s", data.name)
+            gen = shipped
+        else:
+            gen = G.cached_generator(
+                data,
+                train,
+                data_config,
+                cache_dir=cache_dir,
+                device=device,
+                progress=progress,
+                group=group,
+            )
+    elif spec == "pretrained":
         try:
             gen = G.pretrained(data.name)
         except ValueError:
             raise ValueError(
                 f"no pretrained generator ships for dataset {data.name!r} (only digits): pass "
-                "--generator PATH (a ConvGenerator saved with hpd_fast.generators.save_generator, "
-                "or a StyleGAN network pickle with --allow-pickle)"
+                "--generator auto (trains one for the dataset once and caches it; or train it "
+                "first with `hpd-fast generator train`), or --generator PATH (a ConvGenerator "
+                "saved with hpd_fast.generators.save_generator, or a StyleGAN network pickle "
+                "with --allow-pickle)"
             ) from None
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"the shipped generator weights are missing: {exc}") from None
@@ -130,6 +169,24 @@ def load_generator(config: GeneratorConfig, data: DistillData, device: torch.dev
     return gen.to(device).eval()
 
 
+# The files a run writes into its folder (--overwrite removes them, and only them).
+RUN_FILES = ("metrics.json", "evaluation.json")
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _run_files(out: Path) -> list[Path]:
+    """Every file and folder of a previous run in ``out`` (results, metrics, evaluation,
+    checkpoint, and their temporary names); nothing else of the folder."""
+    from hpd_fast.distill.result import _is_result_file
+
+    found = []
+    for p in out.iterdir():
+        base = p.name[: -len(".tmp")] if p.name.endswith(".tmp") else p.name
+        if p.name == CHECKPOINT_DIR or base in RUN_FILES or _is_result_file(p.name):
+            found.append(p)
+    return found
+
+
 def _check_up_front(cfg: RunConfig) -> None:
     """What can be refused before any long work starts."""
     from hpd_fast.models import MODEL_NAMES
@@ -137,6 +194,11 @@ def _check_up_front(cfg: RunConfig) -> None:
     out = cfg.out_dir()
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} exists and is not a folder")
+    for parent in out.parents:  # the first existing ancestor must be a writable folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"out: {str(out)!r} cannot be created: {str(parent)!r} is a file")
+            break
     for where, names in (("eval.models", cfg.eval.models if cfg.eval.enabled else []),):
         unknown = [n for n in names if n not in MODEL_NAMES]
         if unknown:
@@ -150,6 +212,111 @@ def _check_up_front(cfg: RunConfig) -> None:
     ):
         if name not in MODEL_NAMES:
             raise ValueError(f"{where}: unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+
+
+def _check_networks(cfg: RunConfig, data: DistillData) -> None:
+    """Build every network of the run once, with its keyword arguments, for this data: a bad
+    ``model_kwargs`` is refused before the experts are trained, naming the option."""
+    from hpd_fast.models import get_model
+
+    nets = []
+    if cfg.hpd.algorithm == "mtt" and not cfg.experts.path:
+        nets.append(
+            ("experts.model / experts.model_kwargs", cfg.experts.model, cfg.experts.model_kwargs)
+        )
+    if cfg.hpd.algorithm in ("dm", "dc"):
+        m = cfg.hpd.match
+        nets.append(("hpd.match.model / hpd.match.model_kwargs", m.model, m.model_kwargs))
+    if cfg.hpd.select.method == "crfd":
+        s = cfg.hpd.select
+        nets.append(
+            ("hpd.select.crfd_model / crfd_model_kwargs", s.crfd_model, s.crfd_model_kwargs)
+        )
+    if cfg.eval.enabled:
+        nets += [("eval.models", name, {}) for name in cfg.eval.models]
+    for where, name, kwargs in nets:
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+                get_model(name, data.channels, data.num_classes, data.im_size, **dict(kwargs or {}))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"{where}: {name} with {dict(kwargs or {})} cannot be built for images "
+                f"{[data.channels, *data.im_size]} and {data.num_classes} classes: {exc}"
+            ) from None
+
+
+def _check_generator(generator: Any, data: DistillData) -> None:
+    """The generator must render the dataset's images (before any expert is trained)."""
+    want = (data.channels, *data.im_size)
+    have = tuple(getattr(generator, "image_shape", want))
+    if have != want:
+        raise ValueError(
+            f"generator: it renders images of shape {list(have)}, but dataset {data.name!r} has "
+            f"{list(want)} (--resolution {want[-1]} does not match the generator: pass "
+            f"--resolution {have[-1]} or a generator for this resolution)"
+        )
+    if getattr(generator, "num_classes", data.num_classes) != data.num_classes:
+        raise ValueError(
+            f"generator: it has {generator.num_classes} classes, but dataset {data.name!r} has "
+            f"{data.num_classes}"
+        )
+
+
+def _prepare_out(cfg: RunConfig, group: Any) -> Any:
+    """Lock the output folder (the first rank), apply ``overwrite``, refuse a finished run.
+
+    Returns the held :class:`~hpd_fast._files.FolderLock` (None on the other ranks).
+    """
+    from hpd_fast._distributed import rank_and_size
+    from hpd_fast._files import FolderLock, FolderLockedError, describe_os_error
+
+    out = cfg.out_dir()
+    rank, _ = rank_and_size(group)
+    lock = None
+    error: str | None = None
+    if rank == 0:
+        try:
+            lock = FolderLock(out, f"hpd-fast distill ({cfg.hpd.algorithm}, IPC {cfg.hpd.ipc})")
+            lock.acquire()
+            ckpt = out / CHECKPOINT_DIR / "checkpoint.safetensors"
+            previous = _run_files(out)
+            if cfg.overwrite:
+                for p in previous:
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink(missing_ok=True)
+            elif not ckpt.is_file() and any(
+                (out / n).exists() for n in ("summary.json", "tensors.safetensors", "metrics.json")
+            ):
+                raise FileExistsError(
+                    f"out: {str(out)!r} holds a finished run without a checkpoint to resume "
+                    "from; pass --overwrite (overwrite=True) to replace it, or choose another "
+                    "--out"
+                )
+        except FolderLockedError as exc:
+            error = f"out: {exc}"
+        except (FileExistsError, ValueError) as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = describe_os_error(exc, exc.filename or out, "out: cannot write the folder")
+        if error is not None and lock is not None:
+            lock.release()
+            lock = None
+    if group is not None:  # every rank learns whether the first one may write
+        box = [error]
+        torch.distributed.broadcast_object_list(
+            box, src=torch.distributed.get_global_rank(group, 0), group=group
+        )
+        error = box[0]
+    if error is not None:
+        raise OutputFolderError(error)
+    return lock
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be used: another process writes it, it holds a finished run
+    (without ``overwrite``), or it cannot be written (the message says which)."""
 
 
 def _experts_info(experts: Any, seconds: float) -> dict[str, Any]:
@@ -191,13 +358,34 @@ def eval_kwargs(config: EvalConfig) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(payload, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON to a temporary name (fsync), then rename it into place."""
+    from hpd_fast._files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _drop_stale_evaluation(out: Path, run_id: str | None) -> None:
+    """An ``evaluation.json`` of another result than the one now in ``out`` is removed."""
+    path = out / "evaluation.json"
+    try:
+        old = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if path.exists() and old != run_id:
+        path.unlink(missing_ok=True)
+
+
+def _check_json_target(target: Path) -> None:
+    """``evaluate --out``: a file that can be written (checked before any training)."""
+    if target.is_dir() or str(target).endswith(os.sep):
+        raise IsADirectoryError(f"out: {str(target)!r} is a folder; name a JSON file")
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"out: the folder {str(parent)!r} of {str(target)!r} does not exist"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"out: the folder {str(parent)!r} is not writable")
 
 
 def distill_run(
@@ -226,11 +414,6 @@ def distill_run(
         ValueError: bad settings (naming them) before any long work starts; a checkpoint of a
             different run in ``out/checkpoint`` (pass ``overwrite=True``).
     """
-    from hpd_fast import evaluate
-    from hpd_fast._distributed import rank_and_size
-    from hpd_fast.distill.hpd import HPD
-    from hpd_fast.distill.state import CheckpointMismatchError
-    from hpd_fast.experts.cache import cached_experts
 
     cfg = copy.deepcopy(config) if config is not None else preset("digits")
     if not isinstance(cfg, RunConfig):
@@ -242,13 +425,47 @@ def distill_run(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    rank, world = rank_and_size(group)
-    out = cfg.out_dir()
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = load_dataset(cfg.data)
-    generator = load_generator(cfg.generator, data, dev)
+    _check_networks(cfg, data)
+    generator = load_generator(
+        cfg.generator,
+        data,
+        dev,
+        train=cfg.generator_train,
+        data_config=cfg.data,
+        cache_dir=cfg.experts.cache_dir,
+        progress=progress,
+        group=group,
+    )
+    _check_generator(generator, data)
+    lock = _prepare_out(cfg, group)
+    try:
+        return _distill(cfg, data, generator, dev, group, progress, t_start, timings)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distill(
+    cfg: RunConfig,
+    data: DistillData,
+    generator: Any,
+    dev: torch.device,
+    group: Any,
+    progress: bool | None,
+    t_start: float,
+    timings: dict[str, float],
+) -> RunOutput:
+    from hpd_fast import evaluate
+    from hpd_fast._distributed import rank_and_size
+    from hpd_fast.distill.hpd import HPD
+    from hpd_fast.distill.state import CheckpointMismatchError
+    from hpd_fast.experts.cache import cached_experts
+
+    rank, world = rank_and_size(group)
+    out = cfg.out_dir()
     timings["setup"] = time.perf_counter() - t_start
 
     experts = None
@@ -280,11 +497,7 @@ def distill_run(
             experts.path,
         )
 
-    ckpt = out / "checkpoint"
-    if cfg.overwrite and ckpt.exists() and rank == 0:
-        shutil.rmtree(ckpt)
-    if group is not None:  # the others read the checkpoint folder only after it is gone
-        torch.distributed.barrier(group)
+    ckpt = out / CHECKPOINT_DIR
     hpd = HPD(
         generator,
         data.to(dev),
@@ -319,7 +532,11 @@ def distill_run(
 
     t0 = time.perf_counter()
     if rank == 0:
+        # metrics.json belongs to the result beside it: the previous one goes before the
+        # result is replaced, and the new one carries the new result's run id.
+        (out / "metrics.json").unlink(missing_ok=True)
         result.save(out)
+        _drop_stale_evaluation(out, result.run_id)
     timings["outputs"] = time.perf_counter() - t0
 
     crfd = {str(k): v.get("score") for k, v in sorted(result.stage_best.items())}
@@ -329,6 +546,7 @@ def distill_run(
         final_loss[str(k)] = {"mean": sum(vals) / len(vals), "last": vals[-1]} if vals else None
     metrics: dict[str, Any] = {
         "format": METRICS_FORMAT,
+        "run_id": result.run_id,
         "dataset": data.name,
         "ipc": cfg.hpd.ipc,
         "algorithm": cfg.hpd.algorithm,
@@ -410,9 +628,10 @@ def evaluate_run(
         raise NotADirectoryError(
             f"{str(run)!r} is not a folder (expected the output folder of `hpd-fast distill`)"
         )
+    if out is not None and str(out).endswith(("/", os.sep)):
+        raise IsADirectoryError(f"out: {str(out)!r} is a folder; name a JSON file")
     target = Path(out) if out is not None else run / "evaluation.json"
-    if target.is_dir():
-        raise IsADirectoryError(f"out: {str(target)!r} is a folder; name a JSON file")
+    _check_json_target(target)
     cfg = copy.deepcopy(config) if config is not None else EvalConfig()
     result = DistillResult.load(run)
     dcfg = copy.deepcopy(data_config) if data_config is not None else DataConfig(dataset="")
@@ -458,7 +677,13 @@ def evaluate_run(
         device=device,
         group=group,
     )
-    payload = {"run": str(run), "set": what, **ev, "versions": versions()}
+    payload = {
+        "run": str(run),
+        "run_id": result.run_id,
+        "set": what,
+        **ev,
+        "versions": versions(),
+    }
     if rank_and_size(group)[0] == 0:
         write_json(target, payload)
         _LOG.info("wrote %s", target)

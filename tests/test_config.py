@@ -37,7 +37,7 @@ def test_every_setting_has_help_and_a_flag_per_command():
 def test_help_shows_every_default_as_a_value(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("experts", "distill", "evaluate"):
+    for name in ("experts", "distill", "evaluate", "generator"):
         for action in sub.choices[name]._actions:
             if action.option_strings and action.dest not in ("help", "config"):
                 assert "(default: " in action.help, (name, action.option_strings)

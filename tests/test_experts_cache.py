@@ -92,7 +92,7 @@ def test_cached_experts_reuses_folder(tiny, tmp_path):
     first = cached_experts(tiny, cfg, seed=1, progress=False)
     folder = cache_path(tiny, cfg, 1)
     assert first.path == folder and folder.parent == tmp_path / "experts"
-    files = sorted(folder.iterdir())
+    files = sorted(f for f in folder.iterdir() if f.name != ".lock")  # .lock: the entry's lock
     assert [f.name for f in files] == ["expert_00000.safetensors", "expert_00001.safetensors"]
     stamps = [f.stat().st_mtime_ns for f in files]
 
@@ -116,5 +116,5 @@ def test_cached_experts_reuses_folder(tiny, tmp_path):
 
     # out: that folder instead of the cache's (same experts: same seeds).
     elsewhere = cached_experts(tiny, cfg, seed=1, out=tmp_path / "o", progress=False)
-    assert elsewhere.path == tmp_path / "o" and len(list((tmp_path / "o").iterdir())) == 2
+    assert elsewhere.path == tmp_path / "o" and len(list((tmp_path / "o").glob("expert_*"))) == 2
     assert torch.equal(elsewhere.trajectories[1], first.trajectories[1])

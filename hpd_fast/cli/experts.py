@@ -47,8 +47,9 @@ def register(sub: Any) -> Command:
         "--out",
         metavar="DIR",
         default=None,
-        help="output folder (train: default the cache folder that `distill` looks in; import: "
-        "required, a new folder)",
+        help="output folder; train: the experts' folder, import: a new folder for the "
+        "converted experts, required (default: train: the cache folder that `distill` looks "
+        "in)",
     )
     cmd.parser.add_argument(
         "--format",

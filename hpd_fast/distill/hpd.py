@@ -732,31 +732,50 @@ class HPD:
             st.opt_lr = torch.optim.SGD([st.syn_lr], lr=self.lr_lr, momentum=self.momentum)
 
     def _step(self, st: RunState, stage: int, it: int) -> float:
-        """One optimiser step at ``stage`` (iteration ``it``, 0-based); returns the loss."""
+        """One optimiser step at ``stage`` (iteration ``it``, 0-based); returns the loss.
+
+        The non-finite guard: the latents and the learning rate going in, the loss, every
+        gradient and the updated values coming out are checked; the error names the quantity
+        that went non-finite (latents, learning rate, expert data, loss), the stage and the
+        iteration.
+        """
+        where = f"at stage {stage}, iteration {it + 1}"
+        self._check_finite(st, where, "before the step")
         st.opt.zero_grad(set_to_none=True)
         if st.opt_lr is not None:
             st.opt_lr.zero_grad(set_to_none=True)
         images = render(self.generator, st.w, st.f, stage, chunk_size=self.chunk_size)
+        if not bool(torch.isfinite(images).all()):
+            raise NonFiniteLossError(
+                f"the rendered images are not finite {where} although the latents are: the "
+                f"latents (max |w| {float(st.w.detach().abs().max()):.3g}, max |f| "
+                f"{float(st.f.detach().abs().max()):.3g}) overflow the generator; lower lr_w / "
+                f"lr_f (--lr-w / --lr-f){self._kept()}"
+            )
         syn_lr = st.syn_lr if self.algorithm == "mtt" else None
         shared = self.group is not None and self.algorithm != "mtt"
         if shared:  # this rank's classes only; the image gradients are summed on the way back
             images = sum_grad(images, self.group)
-        loss = self._loss(images, stage, it, syn_lr)
+        try:
+            loss = self._loss(images, stage, it, syn_lr)
+        except (ValueError, RuntimeError) as exc:
+            bad = self._bad_expert_pair(stage, it)
+            if bad is None:
+                raise
+            raise NonFiniteLossError(f"{bad} {where}{self._kept()}") from exc
         if shared:
             total = loss.detach().clone()
             torch.distributed.all_reduce(total, group=self.group)
             value = float(total)
         else:
             value = float(loss.detach())
-        where = f"at stage {stage}, iteration {it + 1}"
-        keep = (
-            f"; the last good checkpoint in {str(self.checkpoint_dir)!r} is kept"
-            if self.checkpoint_dir is not None
-            else ""
-        )
         if not math.isfinite(value):
+            bad = self._bad_expert_pair(stage, it)
             raise NonFiniteLossError(
-                f"the {self.algorithm} loss is {value} {where}: lower lr_w / lr_f{keep}"
+                (bad or f"the {self.algorithm} loss is {value}")
+                + f" {where}: "
+                + self._advice()
+                + self._kept()
             )
         inputs = [st.w, st.f] + ([st.syn_lr] if syn_lr is not None else [])
         inputs += [st.y] if st.y is not None else []  # soft labels: their logits learn too
@@ -769,12 +788,65 @@ class HPD:
             if t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all()):
                 raise NonFiniteLossError(
                     f"the gradient of the {self.algorithm} loss with respect to {name} is not "
-                    f"finite {where}: lower lr_w / lr_f{keep}"
+                    f"finite {where}: {self._advice()}{self._kept()}"
                 )
         st.opt.step()
         if st.opt_lr is not None:
             st.opt_lr.step()
+        self._check_finite(st, where, "after the optimiser step")
         return value
+
+    def _kept(self) -> str:
+        """What is left to resume from: said only when a checkpoint exists."""
+        d = self.checkpoint_dir
+        if d is not None and (d / "checkpoint.safetensors").is_file():
+            return f"; the last good checkpoint in {str(d)!r} is kept"
+        return "; no checkpoint was written yet" if d is not None else ""
+
+    def _advice(self) -> str:
+        lr = "lower lr_w / lr_f (--lr-w / --lr-f)"
+        if self.algorithm == "mtt":
+            lr += ", lr_lr (--lr-lr) or lr_teacher (--lr-teacher)"
+        return lr
+
+    def _check_finite(self, st: RunState, where: str, when: str) -> None:
+        """The latents and the learned learning rate must be finite (named when not)."""
+        for name, t, fix in (
+            ("latents w", st.w, "lower lr_w (--lr-w)"),
+            ("latents f", st.f, "lower lr_f (--lr-f)"),
+            (
+                "learned learning rate syn_lr",
+                st.syn_lr if self.algorithm == "mtt" else None,
+                "lower lr_lr (--lr-lr) or lr_teacher (--lr-teacher)",
+            ),
+        ):
+            if t is not None and not bool(torch.isfinite(t.detach()).all()):
+                raise NonFiniteLossError(
+                    f"the {name} became non-finite (NaN/inf) {when} {where}: {fix}{self._kept()}"
+                )
+
+    def _bad_expert_pair(self, stage: int, it: int) -> str | None:
+        """A description of the expert pair of this step when it is not finite, else None."""
+        if self.algorithm != "mtt":
+            return None
+        gen = self._rng("step", stage, it)  # the draws of _loss, in the same order
+        e = self._draw(gen, self.num_experts)
+        s = self._draw(gen, self.max_start_epoch)
+        try:
+            start, target = self._expert_pair(e, s)
+        except Exception:  # noqa: BLE001 (the diagnosis must not hide the original error)
+            return None
+        if bool(torch.isfinite(start).all()) and bool(torch.isfinite(target).all()):
+            return None
+        ex = self.experts
+        idx = ex.indices[e] if hasattr(ex, "indices") else e
+        path = getattr(ex, "path", None)
+        file = f" ({str(Path(path) / f'expert_{idx:05d}.safetensors')!r})" if path else ""
+        bad = s if not bool(torch.isfinite(start).all()) else s + self.expert_epochs
+        return (
+            f"the expert data is not finite: expert {idx}{file} has NaN/inf parameters at epoch "
+            f"{bad} (the pair of epochs {s} and {s + self.expert_epochs}); retrain that expert"
+        )
 
     def _add_candidate(self, st: RunState) -> None:
         if self.select == "last":

@@ -13,13 +13,21 @@ On disk (``DistillResult.save(dir)``)::
     dir/stages.png            loss per step and selection score per stage
 
 The figures are drawn by :mod:`hpd_fast.figures` (the CLI writes the same folder through
-:meth:`DistillResult.save`). Each file is written beside its name and renamed into place.
-Tensors are written with safetensors (no pickle); :meth:`DistillResult.load` reads them back,
-also from folders written before the real images and class names were saved.
+:meth:`DistillResult.save`). Tensors are written with safetensors (no pickle).
+
+Whole or absent: ``summary.json`` is the manifest and is written last. :meth:`DistillResult.save`
+first removes the previous manifest (and the files of the previous result that the new one does
+not write), then writes every file beside its name and renames it into place, then the manifest.
+The manifest and the tensors carry one ``run_id`` (a digest of the tensors and the choice they
+record) and the manifest lists every tensor's shape; :meth:`DistillResult.load` refuses a folder
+whose tensors do not belong to its summary (e.g. a save killed after the tensors were replaced),
+naming the files. Folders written before the run id existed still load.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,12 +35,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hpd_fast._files import atomic_save_tensors, atomic_write_text, describe_os_error
 from hpd_fast.figures import save_figures, save_grid
 
-__all__ = ["DistillResult", "save_grid"]
+__all__ = ["RESULT_FILES", "DistillResult", "IncompleteResultError", "save_grid"]
+
+# Every file a saved result consists of (glob patterns), with their temporary names.
+RESULT_FILES = (
+    "summary.json",
+    "tensors.safetensors",
+    "grid_chosen.png",
+    "grid_stage*.png",
+    "overview.png",
+    "stages.png",
+)
+
+
+class IncompleteResultError(ValueError):
+    """A result folder whose files do not belong together (an interrupted save), or a file
+    that cannot be read; the message names the file."""
+
+
+def _is_result_file(name: str) -> bool:
+    """One of :data:`RESULT_FILES` or its temporary name (``x.json.tmp``, ``x.tmp`` for PNGs)."""
+    base = name[: -len(".tmp")] if name.endswith(".tmp") else name
+    return any(
+        fnmatch.fnmatchcase(base, pat) or fnmatch.fnmatchcase(base + ".png", pat)
+        for pat in RESULT_FILES
+    )
+
+
+def _run_id(tensors: dict[str, Tensor], identity: dict[str, Any]) -> str:
+    """Digest of the tensors (names, dtypes, shapes, bytes) and what the summary says of them."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _load_zca(tensors: dict[str, Tensor], meta: Any) -> Any:
@@ -75,6 +117,8 @@ class DistillResult:
         run_config: the resolved :class:`hpd_fast.config.RunConfig` of the run that made it
             (as a dict; :func:`hpd_fast.run.distill_run` fills it), so that
             ``hpd-fast distill --config <dir>/summary.json`` repeats the run.
+        run_id: the digest that ties ``summary.json`` to ``tensors.safetensors`` (and to the
+            run's ``metrics.json``); set by :meth:`save` and :meth:`load`.
         classes: int64 ``[M]`` the class of every image (for the figures); defaults to
             ``labels`` (hard) or ``labels.argmax(1)`` (soft).
         stage_labels: soft labels only: per stage ``k``, the best iterate's labels ``[M, K]``.
@@ -102,6 +146,7 @@ class DistillResult:
     real_labels: Tensor | None = None
     class_names: list[str] | None = None
     run_config: dict[str, Any] | None = None
+    run_id: str | None = None
     classes: Tensor | None = None
     stage_labels: dict[int, Tensor] = field(default_factory=dict)
     zca: Any = None
@@ -193,51 +238,115 @@ class DistillResult:
         if self.zca is not None:
             tensors.update(self.zca.state_tensors("zca"))
         tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-        tmp = out / "tensors.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": _FORMAT})
-        os.replace(tmp, out / "tensors.safetensors")
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        os.replace(tmp, out / "summary.json")
+        summary = self.summary()
+        summary["run_id"] = self.run_id = _run_id(
+            tensors, {k: summary[k] for k in ("stage", "iteration", "config")}
+        )
+        summary["tensors"] = {n: list(t.shape) for n, t in sorted(tensors.items())}
+        files = ["tensors.safetensors"]
         if figures:
-            save_figures(self, out)
+            files += ["grid_chosen.png", "overview.png", "stages.png"]
+            files += [f"grid_stage{k}.png" for k in sorted(self.stage_images)]
+        summary["files"] = sorted(files)
+        # The previous manifest goes first: until the new one is written the folder holds no
+        # result at all, never the old summary beside new tensors. Then the previous result's
+        # files that this one does not write (another run's stages).
+        (out / "summary.json").unlink(missing_ok=True)
+        keep = set(files) | {"summary.json"}
+        for p in out.iterdir():
+            if p.is_file() and _is_result_file(p.name) and p.name not in keep:
+                p.unlink(missing_ok=True)
+        atomic_save_tensors(
+            out / "tensors.safetensors",
+            tensors,
+            metadata={"format": _FORMAT, "run_id": summary["run_id"]},
+        )
+        if figures:
+            drawn = [p.name for p in save_figures(self, out)]
+            summary["files"] = sorted({"tensors.safetensors", *drawn})
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return out
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> DistillResult:
         """Read a result written by :meth:`save`."""
+        from safetensors import SafetensorError, safe_open
+
         d = Path(directory)
         summary_path, tensor_path = d / "summary.json", d / "tensors.safetensors"
         for p in (summary_path, tensor_path):
             if not p.is_file():
-                raise FileNotFoundError(f"{str(p)!r} not found: not a saved DistillResult")
-        meta = json.loads(summary_path.read_text())
-        if meta.get("format") != _FORMAT:
+                raise FileNotFoundError(
+                    f"{str(p)!r} not found: {str(d)!r} holds no saved DistillResult (or its "
+                    "save was interrupted: run it again)"
+                )
+        redo = "; run it again (hpd-fast distill --overwrite) or restore the folder"
+        try:
+            meta = json.loads(summary_path.read_text())
+        except OSError as exc:
+            raise type(exc)(
+                exc.errno, describe_os_error(exc, summary_path, "cannot read")
+            ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IncompleteResultError(
+                f"{str(summary_path)!r} is not valid JSON ({exc}){redo}"
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise ValueError(f"{str(summary_path)!r} is not a {_FORMAT} summary")
-        t = load_file(str(tensor_path))
-        stages = [int(k) for k in meta["stages"]]
-        return cls(
-            images=t["images"],
-            labels=t["labels"],
-            w=t["w"],
-            f=t["f"],
-            stage=int(meta["stage"]),
-            iteration=int(meta["iteration"]),
-            stage_images={k: t[f"stage{k}.images"] for k in stages},
-            stage_w={k: t[f"stage{k}.w"] for k in stages},
-            stage_f={k: t[f"stage{k}.f"] for k in stages},
-            stage_best={int(k): v for k, v in meta["stage_best"].items()},
-            history=meta["history"],
-            losses=meta["losses"],
-            timings=meta["timings"],
-            config=meta["config"],
-            mean=tuple(meta["mean"]),
-            std=tuple(meta["std"]),
-            real_images=t.get("real.images"),
-            real_labels=t.get("real.labels"),
-            class_names=meta.get("class_names"),
-            run_config=meta.get("run_config"),
-            classes=t.get("classes"),
-            stage_labels={k: t[f"stage{k}.labels"] for k in stages if f"stage{k}.labels" in t},
-            zca=_load_zca(t, meta.get("zca")),
-        )
+        try:
+            with safe_open(str(tensor_path), framework="pt") as fh:
+                file_meta = fh.metadata() or {}
+                t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except OSError as exc:
+            raise type(exc)(exc.errno, describe_os_error(exc, tensor_path, "cannot read")) from None
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise IncompleteResultError(
+                f"{str(tensor_path)!r} is not a readable safetensors file ({exc}){redo}"
+            ) from None
+        want_id, got_id = meta.get("run_id"), file_meta.get("run_id")
+        if want_id != got_id:
+            raise IncompleteResultError(
+                f"{str(tensor_path)!r} (run {got_id}) does not belong to {str(summary_path)!r} "
+                f"(run {want_id}): an interrupted save mixed two runs{redo}"
+            )
+        shapes = meta.get("tensors")
+        if want_id is not None:
+            got = {n: list(v.shape) for n, v in t.items()}
+            if not isinstance(shapes, dict) or got != shapes:
+                raise IncompleteResultError(
+                    f"{str(tensor_path)!r} holds tensors {got}, but {str(summary_path)!r} "
+                    f"describes {shapes}{redo}"
+                )
+        try:
+            stages = [int(k) for k in meta["stages"]]
+            return cls(
+                images=t["images"],
+                labels=t["labels"],
+                w=t["w"],
+                f=t["f"],
+                stage=int(meta["stage"]),
+                iteration=int(meta["iteration"]),
+                stage_images={k: t[f"stage{k}.images"] for k in stages},
+                stage_w={k: t[f"stage{k}.w"] for k in stages},
+                stage_f={k: t[f"stage{k}.f"] for k in stages},
+                stage_best={int(k): v for k, v in meta["stage_best"].items()},
+                history=meta["history"],
+                losses=meta["losses"],
+                timings=meta["timings"],
+                config=meta["config"],
+                mean=tuple(meta["mean"]),
+                std=tuple(meta["std"]),
+                real_images=t.get("real.images"),
+                real_labels=t.get("real.labels"),
+                class_names=meta.get("class_names"),
+                run_config=meta.get("run_config"),
+                run_id=want_id,
+                classes=t.get("classes"),
+                stage_labels={k: t[f"stage{k}.labels"] for k in stages if f"stage{k}.labels" in t},
+                zca=_load_zca(t, meta.get("zca")),
+            )
+        except KeyError as exc:
+            raise IncompleteResultError(
+                f"{str(d)!r}: {exc.args[0]!r} is missing from {str(summary_path)!r} or "
+                f"{str(tensor_path)!r}{redo}"
+            ) from None

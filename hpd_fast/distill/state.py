@@ -10,19 +10,20 @@ a kill at any moment leaves the previous checkpoint or the new one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
+
+from hpd_fast._files import atomic_save_tensors, atomic_write_text, describe_os_error
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "Candidate",
     "RunState",
@@ -42,6 +43,11 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 class CheckpointMismatchError(ValueError):
     """A checkpoint folder holds a checkpoint of a different run (the message says what
     differs)."""
+
+
+class CheckpointCorruptError(ValueError):
+    """The checkpoint file cannot be read (truncated, not safetensors, malformed state); the
+    message names the file and says how to start afresh."""
 
 
 def private_copy(t: Tensor) -> Tensor:
@@ -134,13 +140,12 @@ def write_checkpoint(directory: Path, tensors: Mapping[str, Tensor], meta: dict[
     """Write the checkpoint atomically (temporary name, then rename)."""
     meta = {"format": FORMAT, "version": VERSION, **meta}
     text = json.dumps(meta)
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata={"format": FORMAT, "state": text})
-    os.replace(tmp, directory / CHECKPOINT_FILE)  # a crash leaves the previous one intact
+    # A crash leaves the previous checkpoint intact (temporary name, fsync, rename).
+    atomic_save_tensors(
+        directory / CHECKPOINT_FILE, tensors, metadata={"format": FORMAT, "state": text}
+    )
     # A readable copy of the state (the safetensors file is the one that is read back).
-    tmp_json = directory / "checkpoint.json.tmp"
-    tmp_json.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_json, directory / "checkpoint.json")
+    atomic_write_text(directory / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
 
 
 def read_checkpoint(
@@ -149,20 +154,40 @@ def read_checkpoint(
     """``(meta, tensors)`` of the checkpoint in ``directory`` (None when there is none).
 
     Raises:
-        ValueError: naming the file, when it is not an H-PD checkpoint, or when it belongs to
-            a run whose identity differs from ``identity`` (the message lists what differs).
+        CheckpointCorruptError: naming the file, when it is truncated or not an H-PD checkpoint.
+        CheckpointMismatchError: when it belongs to a run whose identity differs from
+            ``identity`` (the message lists what differs).
+        PermissionError / OSError: naming the file, when it cannot be read.
     """
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as fh:
-        file_meta = fh.metadata() or {}
-        # Fresh (aligned) copies: the kernels may round differently on the file buffer's
-        # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
-        tensors = {k: private_copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    fresh = "; delete it or start afresh with --overwrite (overwrite=True)"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            file_meta = fh.metadata() or {}
+            # Fresh (aligned) copies: the kernels may round differently on the file buffer's
+            # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
+            tensors = {k: private_copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, describe_os_error(exc, path, "cannot read the checkpoint")
+        ) from None
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointCorruptError(
+            f"the checkpoint {str(path)!r} is damaged (truncated or not a safetensors file: "
+            f"{exc}){fresh}"
+        ) from None
     if file_meta.get("format") != FORMAT or "state" not in file_meta:
-        raise ValueError(f"{str(path)!r} is not an H-PD checkpoint")
-    meta = json.loads(file_meta["state"])
+        raise CheckpointCorruptError(f"{str(path)!r} is not an H-PD checkpoint{fresh}")
+    try:
+        meta = json.loads(file_meta["state"])
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise CheckpointCorruptError(
+            f"the checkpoint {str(path)!r} has a malformed state ({exc}){fresh}"
+        ) from None
     if meta.get("config") != identity:
         diff = config_diff(meta.get("config", {}), identity)
         raise CheckpointMismatchError(

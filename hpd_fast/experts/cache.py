@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hpd_fast._common import logger
+from hpd_fast._files import FolderLock, FolderLockedError
 from hpd_fast.config import DataConfig, ExpertConfig
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.experts.format import load
@@ -132,6 +133,60 @@ def cached_experts(
     if out is None:
         out = cache_path(data, config, seed, data_config)
     logger.info("expert trajectories: %s", out)
+    digest = hashlib.sha256(
+        json.dumps(cache_settings(data, config, seed, data_config), sort_keys=True).encode()
+    ).hexdigest()[:16]
+    lock = _lock_entry(Path(out), digest, group)
+    try:
+        return _train(data, config, seed, out, device, group, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_entry(out: Path, digest: str, group: Any) -> FolderLock | None:
+    """One writer per expert folder: the first rank takes its lock. A holder with the same
+    settings is waited for (its experts are then reused); one with other settings is an error
+    naming its PID. Every rank of ``group`` learns the outcome."""
+    from hpd_fast._distributed import rank_and_size
+
+    rank, _ = rank_and_size(group)
+    lock, error = None, None
+    if rank == 0:
+        lock = FolderLock(out, "hpd-fast expert training", {"settings": digest})
+        try:
+            if not lock.try_acquire():
+                holder = lock.holder()
+                if holder.get("settings") != digest:
+                    lock.acquire()  # raises FolderLockedError naming the holder's PID
+                logger.info(
+                    "waiting for PID %s, which trains these experts into %s",
+                    holder.get("pid", "?"),
+                    out,
+                )
+                lock.acquire(wait=True)
+        except (FolderLockedError, OSError) as exc:
+            error = f"experts: {exc}"
+    if group is not None:
+        box = [error]
+        torch.distributed.broadcast_object_list(
+            box, src=torch.distributed.get_global_rank(group, 0), group=group
+        )
+        error = box[0]
+    if error is not None:
+        raise FolderLockedError(error, {})
+    return lock
+
+
+def _train(
+    data: DistillData,
+    config: ExpertConfig,
+    seed: int,
+    out: str | os.PathLike[str],
+    device: Any,
+    group: Any,
+    progress: bool | None,
+) -> Experts:
     return train_experts(
         data,
         config.model,

@@ -4,24 +4,28 @@ A folder holds one safetensors file per expert, ``expert_00000.safetensors``, ..
 the tensors ``trajectory`` [epochs + 1, P] (float32) and ``train_loss`` [epochs] and string
 metadata: the format and version, the expert index, its final test accuracy and a JSON
 ``config`` (model name and constructor arguments, dataset name / shape / fingerprint, training
-settings, the parameter layout). Files are written atomically (temporary name, then rename), so
-an interrupted run leaves only complete experts.
+settings, the parameter layout). Files are written atomically (temporary name, fsync, rename),
+so an interrupted run leaves only complete experts. A trajectory with a NaN or infinite value is
+neither written nor read: the error names the expert (file) and the first such epoch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from hpd_fast._files import atomic_save_tensors, describe_os_error
 from hpd_fast.experts.trajectories import Experts, _LazyTrajectories
 
-__all__ = ["FORMAT", "VERSION", "expert_path", "load"]
+__all__ = ["FORMAT", "VERSION", "NonFiniteExpertError", "expert_path", "load"]
 
 FORMAT = "hpd_fast.experts"
 VERSION = 1
@@ -29,6 +33,17 @@ VERSION = 1
 _FILE_RE = re.compile(r"^expert_(\d+)\.safetensors$")
 # Settings that must agree for stored experts to be reused (the rest is informational).
 _COMPATIBLE_KEYS = ("model", "dataset", "training", "layout", "num_params")
+
+
+class NonFiniteExpertError(FloatingPointError):
+    """An expert trajectory holds NaN or infinite parameters (the message names the expert
+    file or index and the first such epoch)."""
+
+
+def _first_bad_epoch(traj: Tensor) -> int | None:
+    """The first row (epoch) of ``traj`` [E + 1, P] with a non-finite value, or None."""
+    bad = ~torch.isfinite(traj.reshape(traj.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 def expert_path(out: str | os.PathLike[str], index: int) -> Path:
@@ -39,9 +54,19 @@ def expert_path(out: str | os.PathLike[str], index: int) -> Path:
 def _save_expert(
     path: Path, traj: Tensor, losses: Tensor, config: Mapping[str, Any], index: int, test_acc: float
 ) -> None:
-    """Write one expert atomically: a temporary file, then a rename."""
-    from safetensors.torch import save_file
+    """Write one expert atomically: a temporary file, fsync, then a rename.
 
+    Raises:
+        NonFiniteExpertError: the trajectory holds NaN / inf (the expert diverged); nothing is
+            written.
+    """
+    epoch = _first_bad_epoch(traj)
+    if epoch is not None:
+        raise NonFiniteExpertError(
+            f"expert {index} diverged: its parameters are not finite after epoch {epoch} "
+            f"(lr {config.get('training', {}).get('lr')!r}); lower the experts' learning rate "
+            f"(--expert-lr); {str(path)!r} is not written"
+        )
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -49,13 +74,12 @@ def _save_expert(
         "test_accuracy": repr(float(test_acc)),
         "config": json.dumps(config, sort_keys=True),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
+    atomic_save_tensors(
+        path,
         {"trajectory": traj.contiguous(), "train_loss": losses.contiguous()},
-        str(tmp),
         metadata=meta,
+        tmp=path.with_name(f".{path.name}.tmp"),
     )
-    os.replace(tmp, path)
 
 
 def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -80,7 +104,11 @@ def _read_meta(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = set(f.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, describe_os_error(exc, path, "cannot read the expert file")
+        ) from None
+    except (SafetensorError, ValueError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(
@@ -102,24 +130,43 @@ def _read_expert(
     path: Path, lazy: bool = False
 ) -> tuple[dict[str, Any], Tensor | None, float | None]:
     """(config, trajectory [E + 1, P] or None when lazy, test accuracy) of one file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     meta = _read_meta(path)
+    redo = "; delete it to train it again"
     try:
         config = json.loads(meta["config"])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} has a malformed config: {exc}") from None
-    with safe_open(str(path), framework="pt") as f:
-        shape = list(f.get_slice("trajectory").get_shape())
-        traj = None if lazy else f.get_tensor("trajectory")
-    want = [int(config["training"]["epochs"]) + 1, int(config["num_params"])]
+        want = [int(config["training"]["epochs"]) + 1, int(config["num_params"])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{str(path)!r} has a malformed config: {exc!r}{redo}") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shape = list(f.get_slice("trajectory").get_shape())
+            traj = None if lazy else f.get_tensor("trajectory")
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, describe_os_error(exc, path, "cannot read the expert file")
+        ) from None
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is damaged (truncated or not a safetensors file: {exc}){redo}"
+        ) from None
+    if traj is not None:
+        epoch = _first_bad_epoch(traj)
+        if epoch is not None:
+            raise NonFiniteExpertError(
+                f"{str(path)!r}: the expert trajectory is not finite (NaN/inf) at epoch "
+                f"{epoch}; this expert diverged or the file is damaged{redo}"
+            )
     if shape != want:
         raise ValueError(
             f"{str(path)!r}: trajectory has shape {shape} but its config says {want} "
             "(epochs + 1, P)"
         )
     acc = meta.get("test_accuracy")
-    return config, traj, (float(acc) if acc not in (None, "None") else None)
+    value = None if acc in (None, "None") else float(acc)
+    # Imported experts (published buffers) have no known accuracy: stored as NaN, read as None.
+    return config, traj, (None if value is None or math.isnan(value) else value)
 
 
 def load(path: str | os.PathLike[str], *, lazy: bool = False) -> Experts:
