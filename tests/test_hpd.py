@@ -392,3 +392,12 @@ def test_bad_input():
     wrong.model_config = {**wrong.model_config, "kwargs": {"width": 5}}
     with pytest.raises(ValueError, match="layout"):
         HPD(G, data, ipc=1, algorithm="mtt", experts=wrong)
+
+
+def test_diverging_latents_are_named_not_chosen_silently():
+    """A learning rate so large that the latents explode (finite but ~1e30) stops the run with
+    the quantity and the fix named, instead of finishing with iterate 0 chosen."""
+    hpd = make("dm", lr_w=1e30)
+    with pytest.raises(NonFiniteLossError, match=r"latents w diverged.*lower lr_w \(--lr-w\)"):
+        hpd.fit(progress=False)
+    make("dm", lr_w=1.0).fit(progress=False)  # a large but sane rate runs

@@ -67,6 +67,9 @@ __all__ = ["ALGORITHMS", "HPD", "NonFiniteLossError", "SELECTIONS"]
 
 _LOG = logging.getLogger("hpd_fast")
 _F_CLAMP = 10.0
+# Latents (and the learned rate) beyond this magnitude have diverged: the generator's inputs
+# are O(1) (f is clamped to [-10, 10] between stages), and float32 would soon overflow.
+_DIVERGED = 1e12
 # soft_labels="onehot": the logit of the labelled class (the others 0) whose softmax gives it
 # probability 0.9; exact one-hot targets would need infinite logits and a dead softmax.
 _ONEHOT_PROB = 0.9
@@ -820,9 +823,17 @@ class HPD:
                 "lower lr_lr (--lr-lr) or lr_teacher (--lr-teacher)",
             ),
         ):
-            if t is not None and not bool(torch.isfinite(t.detach()).all()):
+            if t is None or t.numel() == 0:
+                continue
+            if not bool(torch.isfinite(t.detach()).all()):
                 raise NonFiniteLossError(
                     f"the {name} became non-finite (NaN/inf) {when} {where}: {fix}{self._kept()}"
+                )
+            big = float(t.detach().abs().max())
+            if big > _DIVERGED:
+                raise NonFiniteLossError(
+                    f"the {name} diverged {when} {where} (largest magnitude {big:.3g}, beyond "
+                    f"{_DIVERGED:.0e}): {fix}{self._kept()}"
                 )
 
     def _bad_expert_pair(self, stage: int, it: int) -> str | None:
