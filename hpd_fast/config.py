@@ -247,6 +247,12 @@ class MTTConfig:
         minimum=1,
         none="all",
     )
+    num_trajectories: int = setting(
+        1,
+        "(expert, start epoch) pairs per iteration; the latents' gradient is the average of "
+        "their exact gradients (one trajectory at a time: memory as for one)",
+        minimum=1,
+    )
 
 
 @dataclass

@@ -56,7 +56,11 @@ from hpd_fast.distill.state import (
     unpack_optimizer,
     write_checkpoint,
 )
-from hpd_fast.distill.trajectory import trajectory_matching_loss
+from hpd_fast.distill.trajectory import (
+    TrajectorySchedule,
+    batch_schedule,
+    trajectory_matching_loss,
+)
 from hpd_fast.generators.base import StagedGenerator
 from hpd_fast.generators.pixels import PixelGenerator
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -137,6 +141,14 @@ class HPD:
     fixed whitening (``dataset.zca.whiten``, differentiable) before every loss and score; a
     pixel generator already holds whitened images. Results hold whitened images (what
     evaluation trains on) and the transform (pictures are un-whitened).
+
+    Trajectory matching renders, in each iteration, only the images that its student
+    minibatch schedules touch (all of them when ``batch_syn`` is None); the others get a zero
+    gradient, as they would from a full render. With ``num_trajectories=K`` every iteration
+    averages the exact gradients of ``K`` (expert, start epoch) pairs, one trajectory at a
+    time (the first pair is the one a one-trajectory run draws, the others come from derived
+    generators); over a process group every rank runs the same ``K`` trajectories, each data
+    parallel as above (drawing different pairs per rank is not done).
 
     The loop: starting at ``first_stage``, ``iterations_per_stage`` SGD steps on the latents
     ``(w, f)``, scoring iterates every ``select_every`` steps (CRFD by default) and keeping
@@ -292,6 +304,10 @@ class HPD:
         if mtt.batch_syn is not None and mtt.batch_syn > m:
             raise ValueError(f"batch_syn must be <= ipc * num_classes = {m}, got {mtt.batch_syn}")
         self.batch_syn = mtt.batch_syn
+        self.num_trajectories = mtt.num_trajectories
+        # Private: render every image in MTT steps (the reference path of the tests) instead
+        # of only those the iteration's minibatch schedules touch; the numbers are the same.
+        self._render_all = False
         self.student: nn.Module | None = None
         self.max_start_epoch = 0
         self.lr_teacher = 0.0
@@ -433,6 +449,8 @@ class HPD:
                 "mode": self.mtt_mode,
                 "num_experts": self.num_experts,
             }
+            if self.num_trajectories != 1:  # only when used: earlier records stay the same
+                cfg["mtt"]["num_trajectories"] = self.num_trajectories
         else:
             cfg[self.algorithm] = {
                 "batch_real": self.batch_real,
@@ -477,31 +495,83 @@ class HPD:
         y = self.dataset.train_labels.cpu().index_select(0, index)
         return x.to(self.device, torch.float32), y.to(self.device)
 
-    def _loss(self, images: Tensor, stage: int, it: int, syn_lr: Tensor | None) -> Tensor:
-        """The distillation loss of iteration ``it`` (0-based) at ``stage`` on ``images``."""
+    def _mtt_draw(self, stage: int, it: int, k: int = 0) -> tuple[int, int, int]:
+        """``(expert, start epoch, schedule seed)`` of trajectory ``k`` of iteration ``it``.
+
+        Trajectory 0 takes the draws of a one-trajectory run (so ``num_trajectories=1`` is the
+        run it always was); trajectory ``k > 0`` draws from its own derived generator.
+        """
+        gen = self._rng("step", stage, it) if k == 0 else self._rng("step", stage, it, "traj", k)
+        e = self._draw(gen, self.num_experts)
+        s = self._draw(gen, self.max_start_epoch)
+        return e, s, self._draw(gen, 2**62)
+
+    def _mtt_schedule(self, stage: int, it: int, k: int = 0) -> TrajectorySchedule:
+        """The minibatch schedule of trajectory ``k`` over all ``M`` images: the one
+        :func:`trajectory_matching_loss` draws from the same seed."""
+        seed = self._mtt_draw(stage, it, k)[2]
+        return batch_schedule(self.labels.numel(), self.syn_steps, self.batch_syn, seed)
+
+    def _mtt_union(self, stage: int, it: int) -> Tensor | None:
+        """The images (sorted int64 CPU indices) the iteration's trajectories touch, or None
+        when that is all of them (or when ``_render_all``)."""
+        if self._render_all:
+            return None
+        parts = [
+            i
+            for k in range(self.num_trajectories)
+            for i in self._mtt_schedule(stage, it, k).indices
+        ]
+        union = torch.cat(parts).unique()
+        return None if union.numel() == self.labels.numel() else union
+
+    def _loss(
+        self,
+        images: Tensor,
+        stage: int,
+        it: int,
+        syn_lr: Tensor | None,
+        traj: int = 0,
+        union: Tensor | None = None,
+    ) -> Tensor:
+        """The distillation loss of iteration ``it`` (0-based) at ``stage`` on ``images``.
+
+        Trajectory matching: trajectory ``traj``; ``images`` are those of ``union`` (sorted
+        indices of the ``M`` images, as :meth:`_mtt_union`) in that order, or all ``M`` when
+        ``union`` is None. The schedule is drawn over all ``M`` images, as always, and remapped
+        to the rows of ``images``: the same batches, augmentations and numbers.
+        """
         images = self._to_data(images)
-        gen = self._rng("step", stage, it)
-        k = self.num_classes
-        c, h, w = self.generator.image_shape
         if self.algorithm == "mtt":
-            e = self._draw(gen, self.num_experts)
-            s = self._draw(gen, self.max_start_epoch)
+            e, s, seed = self._mtt_draw(stage, it, traj)
             start, target = self._expert_pair(e, s)
+            labels = self.labels if self._y is None else torch.softmax(self._y, dim=1)
+            schedule = batch_schedule(labels.shape[0], self.syn_steps, self.batch_syn, seed)
+            if union is not None:
+                pos = torch.full((labels.shape[0],), -1, dtype=torch.int64)
+                pos[union] = torch.arange(union.numel())
+                schedule = TrajectorySchedule(
+                    tuple(pos[i] for i in schedule.indices), schedule.aug_seeds
+                )
+                labels = labels.index_select(0, union.to(labels.device))
             return trajectory_matching_loss(
                 self.student,
                 images,
-                self.labels if self._y is None else torch.softmax(self._y, dim=1),
+                labels,
                 syn_lr,
                 start,
                 target,
                 syn_steps=self.syn_steps,
-                batch_syn=self.batch_syn,
                 augment=self._aug_plain if self.augment is not None else None,
                 mode=self.mtt_mode,
-                seed=self._draw(gen, 2**62),
+                seed=seed,
                 max_snapshots=self.max_snapshots,
                 group=self.group,
+                schedule=schedule,
             )
+        gen = self._rng("step", stage, it)
+        k = self.num_classes
+        c, h, w = self.generator.image_shape
         net_seed = self._draw(gen, 2**62)
         real_x, real_y = self._real_batch(gen)
         seeds = [self._draw(gen, MAX_AUG_SEED) for _ in range(k)]
@@ -747,46 +817,14 @@ class HPD:
         st.opt.zero_grad(set_to_none=True)
         if st.opt_lr is not None:
             st.opt_lr.zero_grad(set_to_none=True)
-        images = render(self.generator, st.w, st.f, stage, chunk_size=self.chunk_size)
-        if not bool(torch.isfinite(images).all()):
-            raise NonFiniteLossError(
-                f"the rendered images are not finite {where} although the latents are: the "
-                f"latents (max |w| {float(st.w.detach().abs().max()):.3g}, max |f| "
-                f"{float(st.f.detach().abs().max()):.3g}) overflow the generator; lower lr_w / "
-                f"lr_f (--lr-w / --lr-f){self._kept()}"
-            )
-        syn_lr = st.syn_lr if self.algorithm == "mtt" else None
-        shared = self.group is not None and self.algorithm != "mtt"
-        if shared:  # this rank's classes only; the image gradients are summed on the way back
-            images = sum_grad(images, self.group)
-        try:
-            loss = self._loss(images, stage, it, syn_lr)
-        except (ValueError, RuntimeError) as exc:
-            bad = self._bad_expert_pair(stage, it)
-            if bad is None:
-                raise
-            raise NonFiniteLossError(f"{bad} {where}{self._kept()}") from exc
-        if shared:
-            total = loss.detach().clone()
-            torch.distributed.all_reduce(total, group=self.group)
-            value = float(total)
+        if self.algorithm == "mtt":
+            value = self._mtt_backward(st, stage, it, where)
         else:
-            value = float(loss.detach())
-        if not math.isfinite(value):
-            bad = self._bad_expert_pair(stage, it)
-            raise NonFiniteLossError(
-                (bad or f"the {self.algorithm} loss is {value}")
-                + f" {where}: "
-                + self._advice()
-                + self._kept()
-            )
-        inputs = [st.w, st.f] + ([st.syn_lr] if syn_lr is not None else [])
-        inputs += [st.y] if st.y is not None else []  # soft labels: their logits learn too
-        torch.autograd.backward(loss, inputs=inputs)
+            value = self._match_backward(st, stage, it, where)
         for name, t in (
             ("w", st.w),
             ("f", st.f),
-            ("syn_lr", st.syn_lr if syn_lr is not None else None),
+            ("syn_lr", st.syn_lr if self.algorithm == "mtt" else None),
         ):
             if t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all()):
                 raise NonFiniteLossError(
@@ -798,6 +836,113 @@ class HPD:
             st.opt_lr.step()
         self._check_finite(st, where, "after the optimiser step")
         return value
+
+    def _render_checked(self, st: RunState, w: Tensor, f: Tensor, stage: int, where: str) -> Tensor:
+        """``render(w, f)`` (chunked backward); non-finite images are an error naming the
+        latents (``st``'s, all of them)."""
+        images = render(self.generator, w, f, stage, chunk_size=self.chunk_size)
+        if not bool(torch.isfinite(images).all()):
+            raise NonFiniteLossError(
+                f"the rendered images are not finite {where} although the latents are: the "
+                f"latents (max |w| {float(st.w.detach().abs().max()):.3g}, max |f| "
+                f"{float(st.f.detach().abs().max()):.3g}) overflow the generator; lower lr_w / "
+                f"lr_f (--lr-w / --lr-f){self._kept()}"
+            )
+        return images
+
+    def _checked_loss(
+        self,
+        images: Tensor,
+        stage: int,
+        it: int,
+        syn_lr: Tensor | None,
+        where: str,
+        traj: int = 0,
+        union: Tensor | None = None,
+    ) -> Tensor:
+        """:meth:`_loss`, its errors and a non-finite value explained (a bad expert pair)."""
+        try:
+            if self.algorithm == "mtt":
+                loss = self._loss(images, stage, it, syn_lr, traj, union)
+            else:
+                loss = self._loss(images, stage, it, syn_lr)
+        except (ValueError, RuntimeError) as exc:
+            bad = self._bad_expert_pair(stage, it, traj)
+            if bad is None:
+                raise
+            raise NonFiniteLossError(f"{bad} {where}{self._kept()}") from exc
+        return loss
+
+    def _check_value(self, value: float, stage: int, it: int, where: str, traj: int = 0) -> None:
+        if not math.isfinite(value):
+            bad = self._bad_expert_pair(stage, it, traj)
+            raise NonFiniteLossError(
+                (bad or f"the {self.algorithm} loss is {value}")
+                + f" {where}: "
+                + self._advice()
+                + self._kept()
+            )
+
+    def _match_backward(self, st: RunState, stage: int, it: int, where: str) -> float:
+        """DM / DC: the loss on every image (both use all of each class's images; over a
+        group, this rank's classes), backward into the latents; returns the loss value."""
+        images = self._render_checked(st, st.w, st.f, stage, where)
+        shared = self.group is not None
+        if shared:  # this rank's classes only; the image gradients are summed on the way back
+            images = sum_grad(images, self.group)
+        loss = self._checked_loss(images, stage, it, None, where)
+        if shared:
+            total = loss.detach().clone()
+            torch.distributed.all_reduce(total, group=self.group)
+            value = float(total)
+        else:
+            value = float(loss.detach())
+        self._check_value(value, stage, it, where)
+        torch.autograd.backward(loss, inputs=[st.w, st.f])
+        return value
+
+    def _mtt_backward(self, st: RunState, stage: int, it: int, where: str) -> float:
+        """Trajectory matching: render only the images the iteration's schedules touch, and
+        backward the average loss of its ``num_trajectories`` trajectories into the latents,
+        ``syn_lr`` and soft labels (zero gradient for untouched images); returns the (average)
+        loss value.
+
+        One trajectory: one backward through the trajectory and the renderer, as always. More:
+        each trajectory's loss is backpropagated to the (shared) rendered images before the
+        next one runs (memory as for one trajectory); the renderer's backward runs once, on
+        the average image gradient. With a process group every rank runs the same
+        trajectories (each of them data parallel over the group).
+        """
+        union = self._mtt_union(stage, it)
+        w, f = st.w, st.f
+        if union is not None:  # only the touched rows (a shared batch-1 latent stays whole)
+            rows = union.to(w.device)
+            w = w if w.shape[0] == 1 else w.index_select(0, rows)
+            f = f if f.shape[0] == 1 else f.index_select(0, rows)
+        images = self._render_checked(st, w, f, stage, where)
+        extra = [st.syn_lr] + ([st.y] if st.y is not None else [])  # soft labels learn too
+        n = self.num_trajectories
+        if n == 1:
+            loss = self._checked_loss(images, stage, it, st.syn_lr, where, 0, union)
+            value = float(loss.detach())
+            self._check_value(value, stage, it, where)
+            torch.autograd.backward(loss, inputs=[st.w, st.f, *extra])
+            return value
+        leaf = images.detach().requires_grad_(True)
+        total = 0.0
+        for traj in range(n):
+            loss = self._checked_loss(leaf, stage, it, st.syn_lr, where, traj, union)
+            value = float(loss.detach())
+            self._check_value(value, stage, it, where, traj)
+            torch.autograd.backward(loss, inputs=[leaf, *extra])
+            del loss
+            total += value
+        assert leaf.grad is not None
+        torch.autograd.backward(images, leaf.grad / n, inputs=[st.w, st.f])
+        for t in extra:
+            if t.grad is not None:
+                t.grad.div_(n)
+        return total / n
 
     def _kept(self) -> str:
         """What is left to resume from: said only when a checkpoint exists."""
@@ -836,13 +981,12 @@ class HPD:
                     f"{_DIVERGED:.0e}): {fix}{self._kept()}"
                 )
 
-    def _bad_expert_pair(self, stage: int, it: int) -> str | None:
-        """A description of the expert pair of this step when it is not finite, else None."""
+    def _bad_expert_pair(self, stage: int, it: int, traj: int = 0) -> str | None:
+        """A description of the expert pair of trajectory ``traj`` of this step when it is
+        not finite, else None."""
         if self.algorithm != "mtt":
             return None
-        gen = self._rng("step", stage, it)  # the draws of _loss, in the same order
-        e = self._draw(gen, self.num_experts)
-        s = self._draw(gen, self.max_start_epoch)
+        e, s, _ = self._mtt_draw(stage, it, traj)  # the draws of _loss
         try:
             start, target = self._expert_pair(e, s)
         except Exception:  # noqa: BLE001 (the diagnosis must not hide the original error)

@@ -599,6 +599,27 @@ def _check_same_forward(a: Tensor, b: Tensor) -> None:
     )
 
 
+def _check_schedule(schedule: TrajectorySchedule, syn_steps: int, num_images: int) -> None:
+    """A precomputed schedule must have ``syn_steps`` steps of int64 CPU indices in
+    ``[0, num_images)``, each step at least one image, and one int seed per step."""
+    if not isinstance(schedule, TrajectorySchedule):
+        raise TypeError(
+            f"schedule must be a TrajectorySchedule or None, got {type(schedule).__name__}"
+        )
+    if len(schedule.indices) != syn_steps or len(schedule.aug_seeds) != syn_steps:
+        raise ValueError(
+            f"schedule has {len(schedule.indices)} steps ({len(schedule.aug_seeds)} seeds) but "
+            f"syn_steps={syn_steps}"
+        )
+    for t, idx in enumerate(schedule.indices):
+        if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+            raise ValueError(f"schedule step {t}: indices must be a 1-D int64 tensor")
+        if idx.numel() == 0:
+            raise ValueError(f"schedule step {t} has no images")
+        if bool((idx < 0).any()) or bool((idx >= num_images).any()):
+            raise ValueError(f"schedule step {t}: indices must lie in [0, {num_images})")
+
+
 def _check_group(
     group: Any,
     mode: str,
@@ -663,6 +684,7 @@ def trajectory_matching_loss(
     snapshot_device: str | torch.device | None = None,
     max_snapshots: int | None = DEFAULT_MAX_SNAPSHOTS,
     group: Any = None,
+    schedule: TrajectorySchedule | None = None,
 ) -> Tensor:
     """Trajectory-matching loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
 
@@ -737,6 +759,10 @@ def trajectory_matching_loss(
             and gradients of the single-device computation (up to the order of the sums).
             Every rank must call with the same arguments (checked); ``seed=None`` takes the
             first rank's seed. Activation memory per rank falls with the group's size.
+        schedule: a precomputed :class:`TrajectorySchedule` (``syn_steps`` steps, indices into
+            ``images``) used instead of drawing one from ``seed`` and ``batch_syn`` (which are
+            then ignored). A caller that renders only the images a schedule touches draws it
+            with :func:`batch_schedule` and passes it remapped to the rendered subset.
 
     Returns:
         0-dim tensor, the loss (dtype of ``start_params``).
@@ -763,10 +789,16 @@ def trajectory_matching_loss(
     max_snapshots = check_max_snapshots(max_snapshots)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
+    if schedule is not None:
+        _check_schedule(schedule, syn_steps, images.shape[0])
+        batch = min(int(i.numel()) for i in schedule.indices)
+    else:
+        batch = batch_syn or images.shape[0]
     if group is not None:
         seed = _check_group(group, mode, images, labels, syn_lr, start_params, target_params,
-                            batch_syn or images.shape[0], seed)  # fmt: skip
-    schedule = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
+                            batch, seed)  # fmt: skip
+    if schedule is None:
+        schedule = batch_schedule(images.shape[0], syn_steps, batch_syn, seed)
     plan = SnapshotPlan.get(syn_steps, max_snapshots)
     sweep = _Sweep(student, schedule, augment, snap_dev, mode == "first_order", plan, group)
     if mode == "unrolled":
