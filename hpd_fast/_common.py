@@ -11,7 +11,7 @@ import hashlib
 import logging
 import resource
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -218,3 +218,25 @@ def progress_bar(progress: bool | None, **kwargs: Any) -> tuple[tqdm, bool]:
         return tqdm(disable=True, **kwargs), False
     bar = tqdm(disable=None if progress is None else False, **kwargs)
     return bar, progress is None and bool(bar.disable)
+
+
+def settings_diff(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    names: tuple[str, str] = ("stored", "requested"),
+    prefix: str = "",
+    summarised: tuple[str, ...] = ("layout",),
+) -> list[str]:
+    """Human-readable differences between two nested settings dicts, ``"key: <names[0]> a,
+    <names[1]> b"`` per differing leaf; keys in ``summarised`` are named without values."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += settings_diff(va, vb, names, f"{prefix}{key}.", summarised)
+        elif va != vb:
+            if key in summarised:
+                out.append(f"{prefix}{key} (parameter names/shapes)")
+            else:
+                out.append(f"{prefix}{key}: {names[0]} {va!r}, {names[1]} {vb!r}")
+    return out

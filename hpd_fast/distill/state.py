@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from hpd_fast._common import settings_diff
 from hpd_fast._files import atomic_save_tensors, atomic_write_text, describe_os_error
 
 __all__ = [
@@ -125,15 +126,9 @@ def unpack_optimizer(
     opt.load_state_dict({"param_groups": packed["param_groups"], "state": state})
 
 
-def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
-    return out
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's run identity and the current one."""
+    return settings_diff(a, b, ("checkpoint", "now"), summarised=())
 
 
 def write_checkpoint(directory: Path, tensors: Mapping[str, Tensor], meta: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hpd_fast._common import settings_diff
 from hpd_fast._files import atomic_save_tensors, describe_os_error
 from hpd_fast.experts.trajectories import Experts, _LazyTrajectories
 
@@ -82,19 +83,9 @@ def _save_expert(
     )
 
 
-def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two (nested) configs."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            if key == "layout":
-                out.append(f"{prefix}{key} (parameter names/shapes)")
-            else:
-                out.append(f"{prefix}{key}: stored {va!r}, requested {vb!r}")
-    return out
+def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between stored and requested expert settings."""
+    return settings_diff(a, b, ("stored", "requested"))
 
 
 def _read_meta(path: Path) -> dict[str, str]:
