@@ -255,6 +255,7 @@ def train_for_dataset(
             data.name,
             images.shape[0],
             *data.im_size,
+            out,
         )
         kwargs = dataclasses.asdict(cfg)
         every = kwargs.pop("checkpoint_every")
