@@ -199,12 +199,11 @@ def _check_up_front(cfg: RunConfig) -> None:
             if not parent.is_dir():
                 raise ValueError(f"out: {str(out)!r} cannot be created: {str(parent)!r} is a file")
             break
-    for where, names in (("eval.models", cfg.eval.models if cfg.eval.enabled else []),):
-        unknown = [n for n in names if n not in MODEL_NAMES]
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}"
-            )
+    unknown = [n for n in (cfg.eval.models if cfg.eval.enabled else []) if n not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(
+            f"eval.models: unknown model(s) {unknown}; valid: {', '.join(MODEL_NAMES)}"
+        )
     for where, name in (
         ("experts.model", cfg.experts.model),
         ("hpd.match.model", cfg.hpd.match.model),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import textwrap
 import typing
@@ -87,13 +88,20 @@ def _set(obj: Any, path: str, value: Any) -> None:
     setattr(obj, leaf, value)
 
 
+@functools.lru_cache(maxsize=1)
+def _preset_configs() -> dict[str, RunConfig]:
+    """Every preset, built once (read only: help texts are made from them)."""
+    return {name: make() for name, make in PRESETS.items()}
+
+
 def _default_text(path: str, meta: Mapping[str, Any]) -> str:
     """Every default as a value: the presets' values, grouped when they agree."""
+    configs = _preset_configs()
     if meta.get("per_algorithm"):
         key = path.rsplit(".", 1)[-1]
         groups: dict[str, list[str]] = {}
-        for name, make in PRESETS.items():
-            table = make().hpd.per_algorithm
+        for name, cfg in configs.items():
+            table = cfg.hpd.per_algorithm
             text = ", ".join(f"{a} {table[a][key]:g}" for a in table)
             groups.setdefault(text, []).append(name)
         if len(groups) == 1:
@@ -104,9 +112,9 @@ def _default_text(path: str, meta: Mapping[str, Any]) -> str:
     if not path or path.split(".")[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
         return ""
     groups = {}
-    for name, make in PRESETS.items():
-        groups.setdefault(_show(_get(make(), path), meta), []).append(name)
-    main = _show(_get(preset("digits"), path), meta)
+    for name, cfg in configs.items():
+        groups.setdefault(_show(_get(cfg, path), meta), []).append(name)
+    main = _show(_get(configs["digits"], path), meta)
     if len(groups) == 1:
         return main
     rest = "; ".join(f"{t} with {', '.join(n)}" for t, n in groups.items() if t != main)

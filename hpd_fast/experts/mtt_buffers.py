@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from hpd_fast._checks import check_int
+from hpd_fast.config import ExpertConfig
 from hpd_fast.experts.format import FORMAT, VERSION, _save_expert, expert_path
 from hpd_fast.experts.trajectories import Experts
 from hpd_fast.models import MODEL_NAMES, get_model
@@ -59,6 +60,10 @@ __all__ = [
     "import_mtt",
     "load_mtt",
 ]
+
+#: The experts' training settings recorded for imported buffers, by default those of
+#: :class:`hpd_fast.config.ExpertConfig` (the published MTT recipe).
+_DEFAULTS = ExpertConfig()
 
 _LOG = logging.getLogger("hpd_fast")
 
@@ -483,9 +488,9 @@ def load_mtt(
     resolution: int | None = None,
     num_classes: int | None = None,
     expert_epochs: int = 1,
-    lr: float = 0.01,
-    batch_size: int = 256,
-    augment: str | None = "dsa",
+    lr: float = _DEFAULTS.lr,
+    batch_size: int = _DEFAULTS.batch_size,
+    augment: str | None = _DEFAULTS.augment,
 ) -> Experts:
     """Read the published code's expert buffers into memory, checked against the student.
 
@@ -542,9 +547,9 @@ def import_mtt(
     resolution: int | None = None,
     num_classes: int | None = None,
     expert_epochs: int = 1,
-    lr: float = 0.01,
-    batch_size: int = 256,
-    augment: str | None = "dsa",
+    lr: float = _DEFAULTS.lr,
+    batch_size: int = _DEFAULTS.batch_size,
+    augment: str | None = _DEFAULTS.augment,
 ) -> Path:
     """Convert the published code's expert buffers into a folder of hpd_fast expert files.
 
