@@ -40,13 +40,14 @@ from torch import Tensor, nn
 
 from hpd_fast._checks import check_float, check_int
 from hpd_fast._common import MAX_AUG_SEED, derive_seed, resolve_augment, tensor_fingerprint
-from hpd_fast._distributed import rank_and_size, sum_grad
+from hpd_fast._distributed import rank_and_size
 from hpd_fast.augment import DSA
 from hpd_fast.config import ALGORITHMS, SELECTIONS, HPDConfig, preset, preset_for, with_overrides
 from hpd_fast.data.dataset import DistillData
 from hpd_fast.distill.crfd import CRFD
 from hpd_fast.distill.losses import dc_loss, dm_loss, random_network
 from hpd_fast.distill.result import DistillResult
+from hpd_fast.distill.shard import Shard
 from hpd_fast.distill.state import (
     Candidate,
     RunState,
@@ -77,6 +78,12 @@ _DIVERGED = 1e12
 # soft_labels="onehot": the logit of the labelled class (the others 0) whose softmax gives it
 # probability 0.9; exact one-hot targets would need infinite logits and a dead softmax.
 _ONEHOT_PROB = 0.9
+
+
+def _is_row_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor has one row per synthetic image (latents, their optimiser
+    buffers, candidates, bests, soft labels), as opposed to shared state."""
+    return not name.startswith(("syn_lr", "opt_lr", "crfd"))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -241,6 +248,8 @@ class HPD:
                 raise ValueError(f"{name} must be one of {', '.join(MODEL_NAMES)}, got {value!r}")
 
         self.generator = generator.requires_grad_(False)
+        # float64 throughout for a float64 generator (exact checks); float32 otherwise.
+        self.dtype = torch.float64 if generator.dtype == torch.float64 else torch.float32
         self.dataset = dataset
         self.algorithm = cfg.algorithm
         self.device = generator.device
@@ -280,10 +289,10 @@ class HPD:
         rank, world = rank_and_size(group)
         self._writer = rank == 0
         self._rank, self._world = rank, world
-        if group is not None and self.algorithm != "mtt" and self.num_classes < world:
+        if group is not None and self.num_classes < world:
             raise ValueError(
-                f"group: {self.algorithm} splits the {self.num_classes} classes over the "
-                f"{world} ranks; it needs at least one class per rank"
+                f"group: the {self.num_classes} classes' latents are shared out over the "
+                f"{world} ranks; every rank needs at least one class"
             )
         self.checkpoint_every = cfg.checkpoint_every
         self.seed = check_int("seed", seed, 0)
@@ -321,8 +330,10 @@ class HPD:
 
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
         self._y: Tensor | None = None  # soft labels: the label logits being optimised
-        # DM / DC over a group: the images of this rank's classes (c % W == rank).
-        self._my_images = (self.labels % self._world == self._rank).nonzero().squeeze(1)
+        # The images whose latents this process holds: all of them, or over a group those of
+        # the classes c with c % W == rank (hpd_fast.distill.shard).
+        self._shard = Shard(self.labels, group)
+        self._local_labels = self._shard.local(self.labels)
         self.config = self._make_config()
 
     # ------------------------------------------------------------------------------ set-up
@@ -493,7 +504,7 @@ class HPD:
         index = torch.cat(picks)
         x = self.dataset.train_images.index_select(0, index.to(self.dataset.train_images.device))
         y = self.dataset.train_labels.cpu().index_select(0, index)
-        return x.to(self.device, torch.float32), y.to(self.device)
+        return x.to(self.device, self.dtype), y.to(self.device)
 
     def _mtt_draw(self, stage: int, it: int, k: int = 0) -> tuple[int, int, int]:
         """``(expert, start epoch, schedule seed)`` of trajectory ``k`` of iteration ``it``.
@@ -533,27 +544,36 @@ class HPD:
         syn_lr: Tensor | None,
         traj: int = 0,
         union: Tensor | None = None,
+        labels: Tensor | None = None,
+        data_parallel: bool = True,
     ) -> Tensor:
         """The distillation loss of iteration ``it`` (0-based) at ``stage`` on ``images``.
 
         Trajectory matching: trajectory ``traj``; ``images`` are those of ``union`` (sorted
         indices of the ``M`` images, as :meth:`_mtt_union`) in that order, or all ``M`` when
         ``union`` is None. The schedule is drawn over all ``M`` images, as always, and remapped
-        to the rows of ``images``: the same batches, augmentations and numbers.
+        to the rows of ``images``: the same batches, augmentations and numbers. ``labels``:
+        the targets of those rows when the caller has them (gathered soft labels), else
+        derived here; ``data_parallel=False`` runs the trajectory on this process alone.
+
+        DM / DC: ``images`` are this process's (all, or over a group its classes').
         """
         images = self._to_data(images)
         if self.algorithm == "mtt":
             e, s, seed = self._mtt_draw(stage, it, traj)
             start, target = self._expert_pair(e, s)
-            labels = self.labels if self._y is None else torch.softmax(self._y, dim=1)
-            schedule = batch_schedule(labels.shape[0], self.syn_steps, self.batch_syn, seed)
+            m = self.labels.numel()
+            schedule = batch_schedule(m, self.syn_steps, self.batch_syn, seed)
+            if labels is None:
+                labels = self.labels if self._y is None else torch.softmax(self._y, dim=1)
+                if union is not None:
+                    labels = labels.index_select(0, union.to(labels.device))
             if union is not None:
-                pos = torch.full((labels.shape[0],), -1, dtype=torch.int64)
+                pos = torch.full((m,), -1, dtype=torch.int64)
                 pos[union] = torch.arange(union.numel())
                 schedule = TrajectorySchedule(
                     tuple(pos[i] for i in schedule.indices), schedule.aug_seeds
                 )
-                labels = labels.index_select(0, union.to(labels.device))
             return trajectory_matching_loss(
                 self.student,
                 images,
@@ -566,7 +586,7 @@ class HPD:
                 mode=self.mtt_mode,
                 seed=seed,
                 max_snapshots=self.max_snapshots,
-                group=self.group,
+                group=self.group if data_parallel else None,
                 schedule=schedule,
             )
         gen = self._rng("step", stage, it)
@@ -576,11 +596,10 @@ class HPD:
         real_x, real_y = self._real_batch(gen)
         seeds = [self._draw(gen, MAX_AUG_SEED) for _ in range(k)]
         aug = self._aug_siamese if self.augment is not None else None
-        labels = self.labels
-        if self.group is not None:  # this rank's classes (the others contribute 0 here)
-            images = images.index_select(0, self._my_images)
-            labels = labels.index_select(0, self._my_images)
+        labels = self._local_labels  # this process's classes (the others contribute 0 here)
         net = random_network(self.model, c, k, (h, w), net_seed, self.device, **self.model_kwargs)
+        if self.dtype != torch.float32:
+            net = net.to(self.dtype)
         if self.algorithm == "dm":
             if not hasattr(net, "embed"):
                 raise ValueError(f"model {self.model!r} has no embed(); DM needs one")
@@ -595,7 +614,7 @@ class HPD:
         else:
             traj = ex.trajectories[e]
             a, b = traj[s], traj[s + self.expert_epochs]
-        return a.to(self.device, torch.float32), b.to(self.device, torch.float32)
+        return a.to(self.device, self.dtype), b.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------------- rendering
     @torch.no_grad()
@@ -619,17 +638,17 @@ class HPD:
         k = self.num_classes
         if self.soft_labels == "onehot":
             high = math.log(_ONEHOT_PROB * (k - 1) / (1 - _ONEHOT_PROB)) if k > 1 else 0.0
-            return torch.nn.functional.one_hot(self.labels, k).float() * high
+            return torch.nn.functional.one_hot(self._local_labels, k).to(self.dtype) * high
         # DATM: the expert's parameters at its last epoch, on the initial synthetic images.
         traj = self.experts.trajectories[0]
-        params = traj[-1].to(self.device, torch.float32)
+        params = traj[-1].to(self.device, self.dtype)
         images = self.render(w, f, stage)
         chunk = self.chunk_size or images.shape[0]
         logits = [
             functional_forward(self.student, params, images[a : a + chunk])
             for a in range(0, images.shape[0], chunk)
         ]
-        return torch.cat(logits).float()
+        return torch.cat(logits).to(self.dtype)
 
     @torch.no_grad()
     def _advance(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
@@ -654,9 +673,26 @@ class HPD:
         )
 
     def _score(self, cands: list[Candidate], stage: int) -> list[float]:
+        """Scores of the candidates (lower is better). Over a group the first rank scores the
+        gathered sets and every rank receives its scores."""
         imgs = [self.render(c.w, c.f, stage) for c in cands]
+        ys = [None if c.y is None else torch.softmax(c.y, dim=1) for c in cands]
+        sh = self._shard
+        if not sh.sharded:
+            return self._score_sets(imgs, ys)
+        imgs = [sh.collect(x, everywhere=False) for x in imgs]
+        ys = [None if y is None else sh.collect(y, everywhere=False) for y in ys]
+        scores = torch.zeros(len(cands), dtype=torch.float64)
+        if sh.rank == 0:
+            full = [x.to(self.device) for x in imgs]  # type: ignore[union-attr]
+            scores = torch.tensor(self._score_sets(full, ys), dtype=torch.float64)
+        scores = scores.to(self.device)
+        torch.distributed.broadcast(scores, src=sh._src(0), group=self.group)
+        return [float(v) for v in scores.cpu()]
+
+    def _score_sets(self, imgs: list[Tensor], ys: list[Tensor | None]) -> list[float]:
         if self.select == "crfd":  # class means: by class index, also with soft labels
-            return [float(v) for v in self._crfd.score(imgs, self.labels)]
+            return [float(v) for v in self._crfd.score([x.float() for x in imgs], self.labels)]
         from hpd_fast.evaluation import evaluate
 
         kw = {"num_eval": 3, "seed": derive_seed(self.seed, "eval") % 2**31, "baseline": None}
@@ -664,9 +700,10 @@ class HPD:
         models = kw.get("models", ("ConvNet",))
         first = models if isinstance(models, str) else models[0]
         out = []
-        for x, c in zip(imgs, cands):
-            y = self.labels if c.y is None else torch.softmax(c.y, dim=1)
-            res = evaluate(x.cpu(), y.cpu(), self.dataset, **kw)
+        for x, y in zip(imgs, ys):
+            y = self.labels if y is None else y
+            res = evaluate(x.cpu().float(), y.cpu().float() if y.is_floating_point() else y.cpu(),
+                           self.dataset, **kw)  # fmt: skip
             out.append(-float(res[first]["mean"]))
         return out
 
@@ -699,13 +736,16 @@ class HPD:
             if crfd_means is None:
                 st.timings["setup"] = st.timings.get("setup", 0.0) + time.perf_counter() - t0
         if not loaded:
-            w, f = self.generator.sample_latents(self.labels, derive_seed(self.seed, "latents"))
-            w, f = w.float(), f.float()
+            rows = self._shard.rows if self._shard.sharded else None
+            w, f = self.generator.sample_latents(
+                self.labels, derive_seed(self.seed, "latents"), rows=rows
+            )
+            w, f = w.to(self.dtype), f.to(self.dtype)
             for k in range(1, self.first_stage):  # stages before the first optimised one
-                f = self._advance(w, f, k).float()
+                f = self._advance(w, f, k).to(self.dtype)
             st.stage, st.iteration = self.first_stage, 0
             st.w, st.f = w, f
-            st.syn_lr = torch.tensor(self.lr_teacher, device=self.device)
+            st.syn_lr = torch.tensor(self.lr_teacher, device=self.device, dtype=self.dtype)
             if self.soft_labels != "none":
                 st.y = self._initial_label_logits(w, f, self.first_stage)
             self._new_optimizers(st, keep_lr_state=False)
@@ -821,12 +861,17 @@ class HPD:
             value = self._mtt_backward(st, stage, it, where)
         else:
             value = self._match_backward(st, stage, it, where)
-        for name, t in (
+        named = (
             ("w", st.w),
             ("f", st.f),
             ("syn_lr", st.syn_lr if self.algorithm == "mtt" else None),
-        ):
-            if t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all()):
+        )
+        bad = self._any(
+            *(t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all())
+              for _, t in named)
+        )  # fmt: skip
+        for (name, _), wrong in zip(named, bad):
+            if wrong:
                 raise NonFiniteLossError(
                     f"the gradient of the {self.algorithm} loss with respect to {name} is not "
                     f"finite {where}: {self._advice()}{self._kept()}"
@@ -840,8 +885,12 @@ class HPD:
     def _render_checked(self, st: RunState, w: Tensor, f: Tensor, stage: int, where: str) -> Tensor:
         """``render(w, f)`` (chunked backward); non-finite images are an error naming the
         latents (``st``'s, all of them)."""
-        images = render(self.generator, w, f, stage, chunk_size=self.chunk_size)
-        if not bool(torch.isfinite(images).all()):
+        if w.shape[0] == 0 or f.shape[0] == 0:  # a rank none of whose images are used now
+            shape = (0, *self.generator.image_shape)
+            images = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
+        else:
+            images = render(self.generator, w, f, stage, chunk_size=self.chunk_size)
+        if self._any(not bool(torch.isfinite(images).all()))[0]:
             raise NonFiniteLossError(
                 f"the rendered images are not finite {where} although the latents are: the "
                 f"latents (max |w| {float(st.w.detach().abs().max()):.3g}, max |f| "
@@ -859,11 +908,13 @@ class HPD:
         where: str,
         traj: int = 0,
         union: Tensor | None = None,
+        labels: Tensor | None = None,
+        data_parallel: bool = True,
     ) -> Tensor:
         """:meth:`_loss`, its errors and a non-finite value explained (a bad expert pair)."""
         try:
             if self.algorithm == "mtt":
-                loss = self._loss(images, stage, it, syn_lr, traj, union)
+                loss = self._loss(images, stage, it, syn_lr, traj, union, labels, data_parallel)
             else:
                 loss = self._loss(images, stage, it, syn_lr)
         except (ValueError, RuntimeError) as exc:
@@ -884,14 +935,13 @@ class HPD:
             )
 
     def _match_backward(self, st: RunState, stage: int, it: int, where: str) -> float:
-        """DM / DC: the loss on every image (both use all of each class's images; over a
-        group, this rank's classes), backward into the latents; returns the loss value."""
+        """DM / DC: the loss on every image of this process (both use all of each class's
+        images, and a class's terms only its own images: over a group every rank renders and
+        scores its classes, and the latents it holds get their whole gradient), backward into
+        the latents; returns the loss value (summed over the group)."""
         images = self._render_checked(st, st.w, st.f, stage, where)
-        shared = self.group is not None
-        if shared:  # this rank's classes only; the image gradients are summed on the way back
-            images = sum_grad(images, self.group)
         loss = self._checked_loss(images, stage, it, None, where)
-        if shared:
+        if self.group is not None:
             total = loss.detach().clone()
             torch.distributed.all_reduce(total, group=self.group)
             value = float(total)
@@ -907,42 +957,112 @@ class HPD:
         ``syn_lr`` and soft labels (zero gradient for untouched images); returns the (average)
         loss value.
 
-        One trajectory: one backward through the trajectory and the renderer, as always. More:
-        each trajectory's loss is backpropagated to the (shared) rendered images before the
-        next one runs (memory as for one trajectory); the renderer's backward runs once, on
-        the average image gradient. With a process group every rank runs the same
-        trajectories (each of them data parallel over the group).
+        One trajectory: one backward through the trajectory and the renderer, as always (over a
+        group the trajectory is data parallel: every step's batch is split over the ranks).
+        More: each trajectory's loss is backpropagated to the (shared) rendered images before
+        the next one runs (memory as for one trajectory); the renderer's backward runs once, on
+        the average image gradient. Over a group the trajectories are dealt out (rank ``r``
+        runs those ``k`` with ``k % W == r``, each on its own) and the image, label and rate
+        gradients summed over the ranks.
         """
         union = self._mtt_union(stage, it)
-        w, f = st.w, st.f
-        if union is not None:  # only the touched rows (a shared batch-1 latent stays whole)
-            rows = union.to(w.device)
-            w = w if w.shape[0] == 1 else w.index_select(0, rows)
-            f = f if f.shape[0] == 1 else f.index_select(0, rows)
-        images = self._render_checked(st, w, f, stage, where)
-        extra = [st.syn_lr] + ([st.y] if st.y is not None else [])  # soft labels learn too
+        images, labels = self._mtt_inputs(st, union, stage, where)
         n = self.num_trajectories
         if n == 1:
-            loss = self._checked_loss(images, stage, it, st.syn_lr, where, 0, union)
+            extra = [st.syn_lr] + ([st.y] if st.y is not None else [])  # soft labels learn too
+            loss = self._checked_loss(images, stage, it, st.syn_lr, where, 0, union, labels)
             value = float(loss.detach())
             self._check_value(value, stage, it, where)
             torch.autograd.backward(loss, inputs=[st.w, st.f, *extra])
+            self._zero_missing_grads(st)
             return value
+        spread = self._shard.sharded
+        mine = range(self._rank, n, self._world) if spread else range(n)
         leaf = images.detach().requires_grad_(True)
+        # gathered soft labels: a leaf too (their graph back to st.y is walked once, below)
+        leaf_y = labels.detach().requires_grad_(True) if st.y is not None and spread else None
+        lab = leaf_y if leaf_y is not None else labels
+        wrt = [leaf, st.syn_lr]
+        if st.y is not None:
+            wrt.append(leaf_y if leaf_y is not None else st.y)
         total = 0.0
-        for traj in range(n):
-            loss = self._checked_loss(leaf, stage, it, st.syn_lr, where, traj, union)
+        for traj in mine:
+            loss = self._checked_loss(
+                leaf, stage, it, st.syn_lr, where, traj, union, lab, data_parallel=not spread
+            )
             value = float(loss.detach())
-            self._check_value(value, stage, it, where, traj)
-            torch.autograd.backward(loss, inputs=[leaf, *extra])
+            if not spread:
+                self._check_value(value, stage, it, where, traj)
+            torch.autograd.backward(loss, inputs=wrt)
             del loss
             total += value
-        assert leaf.grad is not None
-        torch.autograd.backward(images, leaf.grad / n, inputs=[st.w, st.f])
-        for t in extra:
-            if t.grad is not None:
-                t.grad.div_(n)
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in wrt]
+        for t in wrt[1:]:
+            t.grad = None
+        if spread:  # each rank ran its share: sum the losses and gradients
+            both = torch.tensor([total], dtype=torch.float64, device=self.device)
+            for g in (both, *grads):
+                self._shard.all_reduce_(g)
+            total = float(both)
+            if not math.isfinite(total):
+                bad = [k for k in range(n) if self._bad_expert_pair(stage, it, k) is not None]
+                self._check_value(total, stage, it, where, bad[0] if bad else 0)
+        outs, cots, into = [images], [grads[0] / n], [st.w, st.f]
+        if leaf_y is not None:
+            outs.append(labels)
+            cots.append(grads[2] / n)
+            into.append(st.y)
+        if any(o.requires_grad for o in outs):
+            torch.autograd.backward(outs, cots, inputs=into)
+        st.syn_lr.grad = grads[1] / n
+        if st.y is not None and leaf_y is None:
+            st.y.grad = grads[2] / n
+        self._zero_missing_grads(st)
         return total / n
+
+    def _mtt_inputs(
+        self, st: RunState, union: Tensor | None, stage: int, where: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """The images of ``union`` (all when None), rendered with a graph to the latents, and
+        their targets when they come from elsewhere (over a group: gathered soft labels or the
+        class indices; None: :meth:`_loss` derives them).
+
+        Over a group every rank renders its own images of ``union`` and all of them are
+        gathered on every rank (:meth:`Shard.gather`); the gradient comes back to the owners.
+        """
+        sh = self._shard
+        if not sh.sharded:
+            w, f = st.w, st.f
+            if union is not None:  # only the touched rows (a shared batch-1 latent stays whole)
+                rows = union.to(w.device)
+                w = w if w.shape[0] == 1 else w.index_select(0, rows)
+                f = f if f.shape[0] == 1 else f.index_select(0, rows)
+            return self._render_checked(st, w, f, stage, where), None
+        order = union if union is not None else torch.arange(sh.num_images)
+        pos = sh.local_pos[sh.mine(order)].to(st.w.device)
+        own = self._render_checked(
+            st, st.w.index_select(0, pos), st.f.index_select(0, pos), stage, where
+        )
+        images = sh.gather(own, order)
+        if st.y is None:
+            return images, self.labels.index_select(0, order.to(self.labels.device))
+        return images, sh.gather(torch.softmax(st.y.index_select(0, pos), dim=1), order)
+
+    @staticmethod
+    def _zero_missing_grads(st: RunState) -> None:
+        """Latents that no loss reached get a zero gradient (the optimiser's momentum then
+        moves them as it moves untouched rows of touched latents)."""
+        for t in (st.w, st.f, st.y):
+            if t is not None and t.grad is None:
+                t.grad = torch.zeros_like(t)
+
+    def _any(self, *flags: bool) -> list[bool]:
+        """Each flag, or-ed over the group's ranks (a decision every rank takes alike)."""
+        if not self._shard.sharded:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in t.tolist()]
 
     def _kept(self) -> str:
         """What is left to resume from: said only when a checkpoint exists."""
@@ -968,13 +1088,20 @@ class HPD:
                 "lower lr_lr (--lr-lr) or lr_teacher (--lr-teacher)",
             ),
         ):
-            if t is None or t.numel() == 0:
+            # over a group: this rank's rows; the verdict and magnitude are the group's
+            empty = t is None or t.numel() == 0
+            finite = empty or bool(torch.isfinite(t.detach()).all())  # type: ignore[union-attr]
+            big = 0.0 if empty or not finite else float(t.detach().abs().max())  # type: ignore[union-attr]
+            if self._shard.sharded:
+                v = torch.tensor([float(not finite), big], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
+                finite, big = not bool(v[0]), float(v[1])
+            if empty:
                 continue
-            if not bool(torch.isfinite(t.detach()).all()):
+            if not finite:
                 raise NonFiniteLossError(
                     f"the {name} became non-finite (NaN/inf) {when} {where}: {fix}{self._kept()}"
                 )
-            big = float(t.detach().abs().max())
             if big > _DIVERGED:
                 raise NonFiniteLossError(
                     f"the {name} diverged {when} {where} (largest magnitude {big:.3g}, beyond "
@@ -1059,14 +1186,19 @@ class HPD:
             chosen = min(sorted(scored), key=lambda k: scored[k]["score"])
         else:
             chosen = max(st.best)
-        stage_images = {k: self.render(b["w"], b["f"], k).cpu() for k, b in st.best.items()}
+        sh = self._shard
+
+        def full(t: Tensor) -> Tensor:  # every rank's rows, in host memory
+            return sh.collect(t) if sh.sharded else t.detach().cpu()  # type: ignore[return-value]
+
+        stage_images = {k: full(self.render(b["w"], b["f"], k)) for k, b in st.best.items()}
         b = st.best[chosen]
         # Random real images at the same IPC (or fewer, for a smaller class), for the overview.
         real_ipc = min(self.ipc, int(self.dataset.class_counts().min()))
         real_x, real_y = self.dataset.random_real(real_ipc, self.seed)
 
         def probabilities(best: dict[str, Any]) -> Tensor:  # soft labels: softmax(logits)
-            return torch.softmax(best["y"].detach().float(), dim=1).cpu()
+            return torch.softmax(full(best["y"]).float(), dim=1).cpu()
 
         soft = b.get("y") is not None
         extra: dict[str, Any] = {"zca": self.zca}
@@ -1076,13 +1208,13 @@ class HPD:
         return DistillResult(
             images=stage_images[chosen].clone(),
             labels=probabilities(b) if soft else self.labels.cpu(),
-            w=b["w"].detach().cpu().clone(),
-            f=b["f"].detach().cpu().clone(),
+            w=full(b["w"]).clone(),
+            f=full(b["f"]).clone(),
             stage=chosen,
             iteration=int(b["iteration"]),
             stage_images=stage_images,
-            stage_w={k: v["w"].detach().cpu().clone() for k, v in st.best.items()},
-            stage_f={k: v["f"].detach().cpu().clone() for k, v in st.best.items()},
+            stage_w={k: full(v["w"]).clone() for k, v in st.best.items()},
+            stage_f={k: full(v["f"]).clone() for k, v in st.best.items()},
             stage_best={
                 k: {"iteration": v["iteration"], "score": v["score"]} for k, v in st.best.items()
             },
@@ -1100,11 +1232,12 @@ class HPD:
 
     # ------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, st: RunState) -> None:
-        if self.checkpoint_dir is None or not self._writer:
+        """Write the state (one file). Over a group every rank sends its rows and the first
+        writes the whole state, the same file one process writes: a run resumes from it with
+        any number of ranks."""
+        if self.checkpoint_dir is None:
             return
-        d = self.checkpoint_dir
-        d.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, Tensor] = {"w": st.w, "f": st.f}
+        rows: dict[str, Tensor] = {"w": st.w, "f": st.f}  # one row per synthetic image
         meta: dict[str, Any] = {
             "config": self.config,
             "stage": st.stage,
@@ -1120,29 +1253,43 @@ class HPD:
             },
         }
         for i, c in enumerate(st.pending):
-            tensors[f"pending{i}.w"], tensors[f"pending{i}.f"] = c.w, c.f
+            rows[f"pending{i}.w"], rows[f"pending{i}.f"] = c.w, c.f
         for k, b in st.best.items():
-            tensors[f"best{k}.w"], tensors[f"best{k}.f"] = b["w"], b["f"]
+            rows[f"best{k}.w"], rows[f"best{k}.f"] = b["w"], b["f"]
         if st.y is not None:  # soft labels: the logits of the state, candidates and bests
-            tensors["y"] = st.y
+            rows["y"] = st.y
             for i, c in enumerate(st.pending):
-                tensors[f"pending{i}.y"] = c.y
+                rows[f"pending{i}.y"] = c.y  # type: ignore[assignment]
             for k, b in st.best.items():
-                tensors[f"best{k}.y"] = b["y"]
-        meta["opt"] = pack_optimizer(st.opt, "opt", tensors)
+                rows[f"best{k}.y"] = b["y"]
+        meta["opt"] = pack_optimizer(st.opt, "opt", rows)
+        shared: dict[str, Tensor] = {}  # the same on every rank
         if st.opt_lr is not None:
-            tensors["syn_lr"] = st.syn_lr.reshape(1)
-            meta["opt_lr"] = pack_optimizer(st.opt_lr, "opt_lr", tensors)
+            shared["syn_lr"] = st.syn_lr.reshape(1)
+            meta["opt_lr"] = pack_optimizer(st.opt_lr, "opt_lr", shared)
         if self.select == "crfd":
-            tensors.update(self._crfd.state_tensors("crfd"))
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            shared.update(self._crfd.state_tensors("crfd"))
+        if self._shard.sharded:
+            gathered = {k: self._shard.collect(v, everywhere=False) for k, v in rows.items()}
+            if not self._writer:
+                return
+            rows = gathered  # type: ignore[assignment]
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**rows, **shared}.items()}
+        d = self.checkpoint_dir
+        d.mkdir(parents=True, exist_ok=True)
         write_checkpoint(d, tensors, meta)
 
     def _load_checkpoint(self, st: RunState) -> dict[str, Any]:
         """Fill ``st`` from ``checkpoint_dir`` if it holds one; returns extra loaded items."""
         if self.checkpoint_dir is None:
             return {}
-        loaded = read_checkpoint(self.checkpoint_dir, self.config)
+        sh = self._shard
+        loaded = read_checkpoint(
+            self.checkpoint_dir,
+            self.config,
+            rows=sh.rows if sh.sharded else None,
+            is_row=_is_row_tensor,
+        )
         if loaded is None:
             return {}
         meta, tensors = loaded

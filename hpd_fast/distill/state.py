@@ -10,7 +10,7 @@ a kill at any moment leaves the previous checkpoint or the new one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +143,28 @@ def write_checkpoint(directory: Path, tensors: Mapping[str, Tensor], meta: dict[
     atomic_write_text(directory / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
 
 
+def _row_runs(rows: Tensor) -> list[tuple[int, int]]:
+    """Sorted distinct row indices as half-open runs ``[(a, b), ...]`` of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for r in rows.tolist():
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
 def read_checkpoint(
-    directory: Path, identity: Mapping[str, Any]
+    directory: Path,
+    identity: Mapping[str, Any],
+    rows: Tensor | None = None,
+    is_row: Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
     """``(meta, tensors)`` of the checkpoint in ``directory`` (None when there is none).
+
+    With ``rows`` (sorted int64 image indices), the tensors for which ``is_row(name)`` holds
+    (those with one row per synthetic image) are read for those rows only, slice by slice from
+    the file: a process owning part of the images never holds the others.
 
     Raises:
         CheckpointCorruptError: naming the file, when it is truncated or not an H-PD checkpoint.
@@ -158,21 +176,22 @@ def read_checkpoint(
     if not path.is_file():
         return None
     fresh = "; delete it or start afresh with --overwrite (overwrite=True)"
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            file_meta = fh.metadata() or {}
-            # Fresh (aligned) copies: the kernels may round differently on the file buffer's
-            # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
-            tensors = {k: private_copy(fh.get_tensor(k)) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except OSError as exc:
-        raise type(exc)(
-            exc.errno, describe_os_error(exc, path, "cannot read the checkpoint")
-        ) from None
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointCorruptError(
-            f"the checkpoint {str(path)!r} is damaged (truncated or not a safetensors file: "
-            f"{exc}){fresh}"
-        ) from None
+
+    def opened(read: Callable[[Any], Any]) -> Any:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return read(fh)
+        except OSError as exc:
+            raise type(exc)(
+                exc.errno, describe_os_error(exc, path, "cannot read the checkpoint")
+            ) from None
+        except (SafetensorError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointCorruptError(
+                f"the checkpoint {str(path)!r} is damaged (truncated or not a safetensors file:"
+                f" {exc}){fresh}"
+            ) from None
+
+    file_meta = opened(lambda fh: fh.metadata() or {})
     if file_meta.get("format") != FORMAT or "state" not in file_meta:
         raise CheckpointCorruptError(f"{str(path)!r} is not an H-PD checkpoint{fresh}")
     try:
@@ -189,4 +208,22 @@ def read_checkpoint(
             f"checkpoint_dir {str(directory)!r} holds a checkpoint of a different "
             f"run ({'; '.join(diff[:6])}); use another directory or delete it"
         )
-    return meta, tensors
+    runs = None if rows is None else _row_runs(rows)
+    last = -1 if rows is None or rows.numel() == 0 else int(rows.max())
+
+    def read(fh: Any) -> dict[str, Tensor]:
+        out = {}
+        for k in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+            # Fresh (aligned) copies: the kernels may round differently on the file buffer's
+            # alignment, and a resumed run must repeat the uninterrupted one bit for bit.
+            if runs is None or is_row is None or not is_row(k):
+                out[k] = private_copy(fh.get_tensor(k))
+                continue
+            piece = fh.get_slice(k)
+            shape = piece.get_shape()
+            if not shape or shape[0] <= last:
+                raise ValueError(f"tensor {k!r} of shape {shape} has no row {last}")
+            out[k] = private_copy(torch.cat([piece[a:b] for a, b in runs]))
+        return out
+
+    return meta, opened(read)

@@ -240,17 +240,23 @@ class StagedGenerator(nn.Module, metaclass=abc.ABCMeta):
         return w.expand(m, *w.shape[1:]), f.expand(m, *f.shape[1:])
 
     # ------------------------------------------------------------- public API
-    def sample_latents(self, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_latents(
+        self, labels: torch.Tensor, seed: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial latents for ``labels``, drawn from a CPU ``torch.Generator`` seeded by ``seed``.
 
         Args:
             labels: [M] integer class indices in [0, num_classes).
             seed: seed of the only random source used; the same seed gives the same latents on
                 any device.
+            rows: only these rows (int64 indices into ``labels``): ``w`` is drawn for all
+                ``M`` labels (the same random stream) and the first stage runs on these rows
+                alone, so a process owning part of the images never builds every ``f``.
 
         Returns:
             ``(w, f)``: w [M, *w_shape] and f [M, *feature_shape(1)] (the feature after the
-            first synthesis stage), detached, on the generator's device and dtype.
+            first synthesis stage; ``M = len(rows)`` with ``rows``), detached, on the
+            generator's device and dtype.
         """
         labels = check_labels(labels, self.num_classes)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -258,6 +264,8 @@ class StagedGenerator(nn.Module, metaclass=abc.ABCMeta):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             w = self._sample_w(labels.to(self.device), gen)
+            if rows is not None:
+                w = w.index_select(0, rows.to(w.device))
             f = self._first_stage(w)
         return w.detach(), f.detach()
 

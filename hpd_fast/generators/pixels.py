@@ -91,9 +91,11 @@ class PixelGenerator(StagedGenerator):
         return {"init": self.init, "zca": self.zca}
 
     # -- the images
-    def sample_latents(self, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_latents(
+        self, labels: torch.Tensor, seed: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w [M, 0], images [M, C, H, W])`` for ``labels`` (see ``init``), from a CPU
-        generator seeded by ``seed``.
+        generator seeded by ``seed``; with ``rows`` only those rows (drawn as for all ``M``).
 
         Raises:
             ValueError: bad labels or seed; ``init="real"`` asking a class for more images than
@@ -107,6 +109,8 @@ class PixelGenerator(StagedGenerator):
         w = torch.zeros(m, 0, device=self.device)
         if self.init == "noise":
             f = torch.randn(m, *self.image_shape, generator=gen)
+            if rows is not None:
+                w, f = w[: rows.numel()], f.index_select(0, rows.cpu())
             return w, f.to(self.device)
         index = torch.empty(m, dtype=torch.long)
         for c in range(self.num_classes):
@@ -120,6 +124,8 @@ class PixelGenerator(StagedGenerator):
                     f"{where.numel()} were asked for; use init='noise' or a smaller ipc"
                 )
             index[where] = pool[torch.randperm(pool.numel(), generator=gen)[: where.numel()]]
+        if rows is not None:
+            w, index = w[: rows.numel()], index.index_select(0, rows.cpu())
         f = self._real.index_select(0, index.to(self._real.device))
         return w, f.detach().to(self.device, torch.float32).clone()
 
