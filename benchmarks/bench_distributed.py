@@ -44,8 +44,9 @@ WORLD = int(os.environ.get("HPD_BENCH_WORLD", "2"))
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One process: join the group (if any), one exact loss + backward, write its numbers."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_trajectory import _proc_status_bytes, _reset_peak_rss, make_workload
+    from bench_trajectory import _proc_status_bytes, make_workload
 
+    from hpd_fast._common import reset_peak_memory
     from hpd_fast.distill.trajectory import trajectory_matching_loss
 
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         x = work["images"].clone().requires_grad_(True)
         lr = torch.tensor(0.01, requires_grad=True)
         args = (work["net"], x, work["labels"], lr, work["start"], work["target"])
-        _reset_peak_rss()
+        reset_peak_memory()
         before = _proc_status_bytes("VmRSS")
         t0 = time.perf_counter()
         loss = trajectory_matching_loss(

@@ -250,7 +250,8 @@ class MTTConfig:
     num_trajectories: int = setting(
         1,
         "(expert, start epoch) pairs per iteration; the latents' gradient is the average of "
-        "their exact gradients (one trajectory at a time: memory as for one)",
+        "their exact gradients (one trajectory at a time: memory as for one; under torchrun "
+        "the pairs are dealt out over the processes)",
         minimum=1,
     )
 

@@ -122,15 +122,23 @@ class HPD:
         checkpoint_dir: folder for checkpoints (written at every stage boundary, every
             ``checkpoint_every`` iterations and at the end). If it holds a checkpoint of the same
             run, :meth:`fit` resumes from it.
-        group: a ``torch.distributed`` process group: every rank runs the same H-PD loop
-            and holds the same latents at every iteration. MTT splits each student step's batch
-            over the ranks (see :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`);
-            DM and DC split the classes (rank ``r`` of ``W`` takes the classes ``c`` with
-            ``c % W == r``) and sum the image gradients. Only the group's first rank writes
-            checkpoints and shows progress; all of them read a checkpoint to resume.
+        group: a ``torch.distributed`` process group of ``W`` ranks sharing the synthetic set
+            out (:mod:`hpd_fast.distill.shard`): rank ``r`` owns the images of the classes
+            ``c`` with ``c % W == r`` (at least one class per rank) and holds only their
+            latents, optimiser state, soft labels and selection copies, and renders only them.
+            MTT gathers each iteration's touched images on every rank and splits each student
+            step's batch over the ranks (see
+            :func:`~hpd_fast.distill.trajectory.trajectory_matching_loss`), or deals out the
+            ``num_trajectories`` pairs; the owners take their images' gradient back. DM and DC
+            match each rank's classes on that rank. The first rank scores the gathered
+            candidates, shows progress and writes the checkpoint, the same file one process
+            writes (each rank reads its rows of it to resume, with any ``W``); :meth:`fit`
+            returns the whole result on every rank, equal to one process's up to the order of
+            the sums.
         callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
-            "hpd"}`` (``w``, ``f``: the current latents, detached views; do not modify them); an
-            exception raised there stops :meth:`fit` (the last checkpoint stays).
+            "hpd"}`` (``w``, ``f``: the current latents, detached views, over a group this
+            rank's rows; do not modify them); an exception raised there stops :meth:`fit` (the
+            last checkpoint stays).
         **overrides: single settings, see above.
 
     Pixel space: with ``generator=hpd_fast.generators.pixels(data)`` the latents are the images
@@ -154,8 +162,8 @@ class HPD:
     gradient, as they would from a full render. With ``num_trajectories=K`` every iteration
     averages the exact gradients of ``K`` (expert, start epoch) pairs, one trajectory at a
     time (the first pair is the one a one-trajectory run draws, the others come from derived
-    generators); over a process group every rank runs the same ``K`` trajectories, each data
-    parallel as above (drawing different pairs per rank is not done).
+    generators of the same seed); over a process group rank ``r`` runs the pairs ``k`` with
+    ``k % W == r``, each on its own, and the gradients are summed over the ranks.
 
     The loop: starting at ``first_stage``, ``iterations_per_stage`` SGD steps on the latents
     ``(w, f)``, scoring iterates every ``select_every`` steps (CRFD by default) and keeping
