@@ -9,7 +9,8 @@ the latents dominate. Each process of a group of ``W`` (gloo, one torch thread) 
 
 * ``state``: the bytes of the tensors it holds for the latents after the iterations, counted
   from the tensors themselves: ``w``, ``f`` and the optimiser's momentum buffers of both;
-* ``peak``: its peak resident memory during ``HPD.fit`` above its resident memory before
+* ``peak``: its peak resident memory during ``HPD.fit`` above its resident memory before, at the
+  end of the iterations and at the end of ``fit`` (the result gathered),
   (``VmHWM`` after a reset, minus ``VmRSS``): everything, the generator's transient work and
   the drawing of every ``w`` included (all ``M`` codes are drawn so that the random stream is
   the one a single process draws);
@@ -108,6 +109,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 held.update(
                     rows=int(st.w.shape[0]),
                     w=st.w.nbytes, f=st.f.nbytes, momentum=sum(b.nbytes for b in bufs),
+                    hwm=_proc_status_bytes("VmHWM"),
                 )  # fmt: skip
                 return value
 
@@ -126,7 +128,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "w_bytes_per_image": w_img, "f_bytes_per_image": f_img,
             "state_bytes": held["w"] + held["f"] + held["momentum"],
             "model_bytes": 2 * (w_img + f_img) * held["rows"],
-            "peak_rss_bytes": peak, "seconds": seconds,
+            "peak_rss_bytes": peak, "peak_loop_rss_bytes": held["hwm"] - before,
+            "seconds": seconds,
             "losses": [e["loss"] for e in res.losses],
         }  # fmt: skip
         Path(out_dir, f"w{world}-r{rank}.json").write_text(json.dumps(row))
@@ -149,13 +152,16 @@ def _table(rows: list[dict]) -> str:
             r["world"], r["rank"], f"{r['rows']:,} / {r['images']:,}",
             f"{r['state_bytes'] / mib:.0f}", f"{r['model_bytes'] / mib:.0f}",
             f"{r['state_bytes'] / one['state_bytes']:.3f}",
-            f"{r['peak_rss_bytes'] / mib:.0f}", f"{r['peak_rss_bytes'] / one['peak_rss_bytes']:.2f}",
+            f"{r['peak_loop_rss_bytes'] / mib:.0f}",
+            f"{r['peak_loop_rss_bytes'] / one['peak_loop_rss_bytes']:.2f}",
+            f"{r['peak_rss_bytes'] / mib:.0f}",
             f"{r['seconds']:.0f}",
         ])  # fmt: skip
     return _util.markdown_table(
         ["ranks", "rank", "rows held", "latents + momentum MiB", "model MiB",
-         "× one process", "peak RSS MiB", "× one process", "s (cores shared)"],
-        out, "rrrrrrrrr",
+         "× one process", "peak RSS MiB, set-up + iterations", "× one process",
+         "peak RSS MiB, with the result", "s (cores shared)"],
+        out, "rrrrrrrrrr",
     )  # fmt: skip
 
 
@@ -168,9 +174,11 @@ def _section(payload: dict) -> str:
         "(`benchmarks/bench_shard_memory.py`). \"latents + momentum\" is counted from the "
         "tensors each process holds (`w`, `f`, the optimiser's momentum of both); \"model\" is "
         "`2 × (bytes(w) + bytes(f)) × rows held` (docs/scaling.md); peak RSS is the process's "
-        "peak resident memory during `fit` above its memory before (everything: the drawing "
-        "of all M codes `w`, rendering, the student). Rank r holds the classes c with "
-        "c % W == r, so with 4 ranks two hold 3 classes and two hold 2.",
+        "peak resident memory above its memory before `fit`, up to the end of the iterations "
+        "(the drawing of all M codes `w`, the first stages, rendering, the student) and up to "
+        "the returned result (the first rank gathers the whole latents of every stage for "
+        "it; the others only the images). Rank r holds the classes c with c % W == r, so "
+        "with 4 ranks two hold 3 classes and two hold 2.",
         "",
         f"### {payload.get('device_name', 'cpu')} — {payload.get('file', '')}",
         "",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import Tensor
 
-__all__ = ["group_rank", "rank_and_size", "sum_grad"]
+__all__ = ["group_rank", "rank_and_size"]
 
 
 def group_rank(group: Any) -> int:
@@ -29,24 +27,3 @@ def rank_and_size(group: Any) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return group_rank(group), dist.get_world_size(group)
-
-
-class _SumGrad(torch.autograd.Function):
-    """Identity whose backward sums the incoming gradient over a process group."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def sum_grad(x: Tensor, group: Any) -> Tensor:
-    """``x`` itself, whose gradient is summed over ``group`` on the way back (each rank's loss
-    covers its share; every rank then holds the gradient of the total)."""
-    return _SumGrad.apply(x, group)

@@ -132,9 +132,11 @@ class HPD:
             ``num_trajectories`` pairs; the owners take their images' gradient back. DM and DC
             match each rank's classes on that rank. The first rank scores the gathered
             candidates, shows progress and writes the checkpoint, the same file one process
-            writes (each rank reads its rows of it to resume, with any ``W``); :meth:`fit`
-            returns the whole result on every rank, equal to one process's up to the order of
-            the sums.
+            writes (each rank reads its rows of it to resume, with any ``W``). :meth:`fit`
+            returns on every rank the whole set of images, labels and records, equal to one
+            process's up to the order of the sums; the latents (``w``, ``f``, ``stage_w``,
+            ``stage_f``) are whole on the first rank only (the others hold empty ``[0, ...]``
+            tensors: the latents of every stage can outgrow one process's memory).
         callback: called after every iteration with ``{"stage", "iteration", "loss", "w", "f",
             "hpd"}`` (``w``, ``f``: the current latents, detached views, over a group this
             rank's rows; do not modify them); an exception raised there stops :meth:`fit` (the
@@ -1199,6 +1201,12 @@ class HPD:
         def full(t: Tensor) -> Tensor:  # every rank's rows, in host memory
             return sh.collect(t) if sh.sharded else t.detach().cpu()  # type: ignore[return-value]
 
+        def latents(t: Tensor) -> Tensor:  # over a group: whole on the first rank only
+            if not sh.sharded:
+                return t.detach().cpu().clone()
+            got = sh.collect(t, everywhere=False)
+            return got if got is not None else t.detach().cpu()[:0].clone()
+
         stage_images = {k: full(self.render(b["w"], b["f"], k)) for k, b in st.best.items()}
         b = st.best[chosen]
         # Random real images at the same IPC (or fewer, for a smaller class), for the overview.
@@ -1216,13 +1224,13 @@ class HPD:
         return DistillResult(
             images=stage_images[chosen].clone(),
             labels=probabilities(b) if soft else self.labels.cpu(),
-            w=full(b["w"]).clone(),
-            f=full(b["f"]).clone(),
+            w=latents(b["w"]),
+            f=latents(b["f"]),
             stage=chosen,
             iteration=int(b["iteration"]),
             stage_images=stage_images,
-            stage_w={k: full(v["w"]).clone() for k, v in st.best.items()},
-            stage_f={k: full(v["f"]).clone() for k, v in st.best.items()},
+            stage_w={k: latents(v["w"]) for k, v in st.best.items()},
+            stage_f={k: latents(v["f"]) for k, v in st.best.items()},
             stage_best={
                 k: {"iteration": v["iteration"], "score": v["score"]} for k, v in st.best.items()
             },
