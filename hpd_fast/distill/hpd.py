@@ -80,6 +80,15 @@ _DIVERGED = 1e12
 _ONEHOT_PROB = 0.9
 
 
+def _abs_max(t: Tensor) -> float:
+    """The largest magnitude in ``t``: NaN when it holds a NaN, inf when an inf (one pass over
+    the tensor, no temporary: the latents' checks run on every step)."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(-lo, hi))
+
+
 def _is_row_tensor(name: str) -> bool:
     """Whether a checkpoint tensor has one row per synthetic image (latents, their optimiser
     buffers, candidates, bests, soft labels), as opposed to shared state."""
@@ -664,12 +673,15 @@ class HPD:
     def _advance(self, w: Tensor, f: Tensor, stage: int) -> Tensor:
         """``f`` at ``stage + 1`` (guarded: NaN -> 0, clamped to [-10, 10])."""
         chunk = self.chunk_size or w.shape[0]
-        parts = [
-            self.generator.advance(w[a : a + chunk], f[a : a + chunk], stage)
-            for a in range(0, w.shape[0], chunk)
-        ]
-        f_next = torch.cat(parts)
-        return torch.nan_to_num(f_next, nan=0.0).clamp(-_F_CLAMP, _F_CLAMP)
+        m = w.shape[0]
+        f_next: Tensor | None = None
+        for a in range(0, m, chunk):  # filled in place: one f-sized tensor, not four
+            part = self.generator.advance(w[a : a + chunk], f[a : a + chunk], stage)
+            if f_next is None:
+                f_next = part.new_empty((m, *part.shape[1:]))
+            f_next[a : a + part.shape[0]] = part
+        assert f_next is not None
+        return f_next.nan_to_num_(nan=0.0).clamp_(-_F_CLAMP, _F_CLAMP)
 
     # ------------------------------------------------------------------------- selection
     def _make_crfd(self, real_means: list[list[Tensor]] | None = None) -> CRFD:
@@ -877,7 +889,7 @@ class HPD:
             ("syn_lr", st.syn_lr if self.algorithm == "mtt" else None),
         )
         bad = self._any(
-            *(t is not None and t.grad is not None and not bool(torch.isfinite(t.grad).all())
+            *(t is not None and t.grad is not None and not math.isfinite(_abs_max(t.grad))
               for _, t in named)
         )  # fmt: skip
         for (name, _), wrong in zip(named, bad):
@@ -900,7 +912,7 @@ class HPD:
             images = torch.zeros(shape, dtype=self.dtype, device=self.device, requires_grad=True)
         else:
             images = render(self.generator, w, f, stage, chunk_size=self.chunk_size)
-        if self._any(not bool(torch.isfinite(images).all()))[0]:
+        if self._any(not math.isfinite(_abs_max(images.detach())))[0]:
             raise NonFiniteLossError(
                 f"the rendered images are not finite {where} although the latents are: the "
                 f"latents (max |w| {float(st.w.detach().abs().max()):.3g}, max |f| "
@@ -1100,8 +1112,9 @@ class HPD:
         ):
             # over a group: this rank's rows; the verdict and magnitude are the group's
             empty = t is None or t.numel() == 0
-            finite = empty or bool(torch.isfinite(t.detach()).all())  # type: ignore[union-attr]
-            big = 0.0 if empty or not finite else float(t.detach().abs().max())  # type: ignore[union-attr]
+            big = 0.0 if empty else _abs_max(t.detach())  # type: ignore[union-attr]
+            finite = math.isfinite(big)
+            big = big if finite else 0.0
             if self._shard.sharded:
                 v = torch.tensor([float(not finite), big], dtype=torch.float64, device=self.device)
                 torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
@@ -1182,7 +1195,7 @@ class HPD:
             return
         src = st.best[stage] if self.continue_from == "best" else {"w": st.w, "f": st.f, "y": st.y}
         w = private_copy(src["w"])
-        f = private_copy(self._advance(w, src["f"].detach(), stage))
+        f = self._advance(w, src["f"].detach(), stage)  # a fresh contiguous tensor
         st.stage, st.iteration = stage + 1, 0
         st.w, st.f = w, f
         st.y = None if src.get("y") is None else private_copy(src["y"])
