@@ -104,11 +104,10 @@ def render_flop_estimate(layers: list[dict], stage: int) -> int:
 
 #: Full passes (one read or one write of every byte) over a rank's latents w and f per
 #: iteration, counted from hpd.py and torch.optim.SGD: each finiteness check of the latents,
-#: before and after the step, reads them for isfinite (writing a bool mask, 1/4), reads the mask
-#: for all(), and reads, writes and reads again for abs().max() (4.5 each, 9 for both); the
-#: full-size zero gradient of index_select's backward (1 write); the gradient's finiteness check
-#: (1.5); SGD with momentum: buf.mul_ (2), buf.add_(grad) (3), param.add_(buf) (3).
-STATE_PASSES = 19.5
+#: before and after the step, is one torch.aminmax read (2 for both); the full-size zero
+#: gradient of index_select's backward (1 write); the gradient's finiteness check (1 read);
+#: SGD with momentum: buf.mul_ (2), buf.add_(grad) (3), param.add_(buf) (3).
+STATE_PASSES = 12.0
 
 
 def main(argv: list[str] | None = None) -> None:
