@@ -11,8 +11,9 @@ follow from the labels), so the collectives below need no size exchange:
   loss does, and a loss run per rank is all-reduced before it comes back), so that gradient is
   the same on every rank and taking the own rows is the whole routing.
 * :meth:`Shard.collect` — a full ``[M, ...]`` tensor in host memory from every rank's rows, on
-  every rank or on the first only (checkpoints, results). Each rank's part travels on its own
-  (one broadcast per rank), so a device never holds more than one rank's share at once.
+  every rank (one broadcast per rank) or on the first only (checkpoints, results, scoring: each
+  rank sends its part there). Each part travels on its own, so a device never holds more than
+  one rank's share at once.
 
 Without a group every method is the identity on the full set (rank 0 of 1 owns everything).
 """
@@ -105,17 +106,19 @@ class Shard:
         ``everywhere`` is False. Every rank must call it (a collective)."""
         if not self.sharded:
             return local.detach().to("cpu").contiguous()
-        keep = everywhere or self.rank == 0
         shape = local.shape[1:]
-        full = torch.empty((self.num_images, *shape), dtype=local.dtype) if keep else None
+        mine = local.detach().contiguous()
+        if not everywhere and self.rank != 0:  # only the first rank keeps it: send it there
+            dist.send(mine, dst=self._src(0), group=self.group)
+            return None
+        full = torch.empty((self.num_images, *shape), dtype=local.dtype)
         for r, rows in enumerate(self.rows_of):
-            if r == self.rank:
-                part = local.detach().contiguous()
-            else:
-                part = local.new_empty((rows.numel(), *shape))
-            dist.broadcast(part, src=self._src(r), group=self.group)
-            if full is not None:
-                full[rows] = part.to("cpu")
+            part = mine if r == self.rank else local.new_empty((rows.numel(), *shape))
+            if everywhere:
+                dist.broadcast(part, src=self._src(r), group=self.group)
+            elif r != self.rank:
+                dist.recv(part, src=self._src(r), group=self.group)
+            full[rows] = part.to("cpu")
         return full
 
     def all_reduce_(self, t: Tensor) -> Tensor:
