@@ -270,6 +270,20 @@ def cuda_peak_memory(fn: Callable[[], Any], device: str = "cuda") -> dict[str, A
 # --------------------------------------------------------------------------------------------
 
 
+def write_rank_row(out_dir: str | Path, world: int, rank: int, row: dict[str, Any]) -> None:
+    """A rank's result row, for :func:`spawn_ranks` to collect."""
+    Path(out_dir, f"w{world}-r{rank}.json").write_text(json.dumps(row))
+
+
+def spawn_ranks(worker: Callable[..., Any], world: int, tmp: Path) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, init_file, out_dir)`` in ``world`` fresh processes (each
+    ends with :func:`write_rank_row`); returns their rows in rank order."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, str(tmp / f"init{world}"), str(tmp)), nprocs=world)
+    return [json.loads((tmp / f"w{world}-r{r}.json").read_text()) for r in range(world)]
+
+
 def results_path(suite: str, device: str, tag: str = "") -> Path:
     """``results/<suite>_<device-slug>[-<tag>].json``."""
     return RESULTS_DIR / f"{suite}_{device_slug(device)}{'-' + tag if tag else ''}.json"

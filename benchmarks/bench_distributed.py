@@ -33,7 +33,6 @@ import _util
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IPC = int(os.environ.get("HPD_BENCH_IPC", "10"))
@@ -81,15 +80,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "image_grad_norm": float(x.grad.norm()),
             "lr_grad": float(lr.grad),
         }
-        Path(out_dir, f"w{world}-r{rank}.json").write_text(json.dumps(row))
+        _util.write_rank_row(out_dir, world, rank, row)
     finally:
         if group is not None:
             dist.destroy_process_group()
-
-
-def _run(world: int, tmp: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world, str(tmp / f"init{world}"), str(tmp)), nprocs=world)
-    return [json.loads((tmp / f"w{world}-r{r}.json").read_text()) for r in range(world)]
 
 
 def _table(rows: list[dict]) -> str:
@@ -114,7 +108,7 @@ def _table(rows: list[dict]) -> str:
 def test_distributed_memory(bench_summary):
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        rows = _run(1, tmp) + _run(WORLD, tmp)
+        rows = _util.spawn_ranks(_worker, 1, tmp) + _util.spawn_ranks(_worker, WORLD, tmp)
     payload = {
         **_util.run_metadata("cpu"),
         "benchmark": "distributed",

@@ -42,7 +42,6 @@ import _util
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 IPC = int(os.environ.get("HPD_BENCH_SHARD_IPC", "2000"))
@@ -132,15 +131,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "seconds": seconds,
             "losses": [e["loss"] for e in res.losses],
         }  # fmt: skip
-        Path(out_dir, f"w{world}-r{rank}.json").write_text(json.dumps(row))
+        _util.write_rank_row(out_dir, world, rank, row)
     finally:
         if group is not None:
             dist.destroy_process_group()
-
-
-def _run(world: int, tmp: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world, str(tmp / f"init{world}"), str(tmp)), nprocs=world)
-    return [json.loads((tmp / f"w{world}-r{r}.json").read_text()) for r in range(world)]
 
 
 def _table(rows: list[dict]) -> str:
@@ -190,7 +184,7 @@ def _section(payload: dict) -> str:
 def test_shard_memory(bench_summary):
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        rows = [row for w in WORLDS for row in _run(w, tmp)]
+        rows = [row for w in WORLDS for row in _util.spawn_ranks(_worker, w, tmp)]
     path = _util.results_path("shard_memory", "cpu")
     payload = {
         **_util.run_metadata("cpu"),

@@ -141,6 +141,35 @@ def _check_pow2(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def _specs(
+    first: int,
+    size: np.ndarray,
+    ch: np.ndarray,
+    rate: np.ndarray,
+    cut: np.ndarray,
+    half: np.ndarray,
+    num_critical: int,
+    resolution: int,
+) -> list[dict]:
+    """One dict per layer of a run of layers numbered from ``first`` (the last is ToRGB, the
+    ``num_critical`` before it critically sampled)."""
+    n = len(size) - 1
+    return [
+        {
+            "index": i + first,
+            "size": int(size[i]),
+            "channels": int(ch[i]),
+            "sampling_rate": float(rate[i]),
+            "cutoff": float(cut[i]),
+            "half_width": float(half[i]),
+            "critical": i >= n - num_critical,
+            "torgb": i == n,
+            "resolution": resolution,
+        }
+        for i in range(n + 1)
+    ]
+
+
 def _geometry(
     resolution: int,
     channel_base: int,
@@ -181,20 +210,7 @@ def _geometry(
     size[-2:] = stem_resolution
     ch = _channels(cut, channel_base, channel_max)
     ch[-1] = img_channels
-    specs = [
-        {
-            "index": i,
-            "size": int(size[i]),
-            "channels": int(ch[i]),
-            "sampling_rate": float(rate[i]),
-            "cutoff": float(cut[i]),
-            "half_width": float(half[i]),
-            "critical": i >= n - num_critical,
-            "torgb": i == n,
-            "resolution": stem_resolution,
-        }
-        for i in range(n + 1)
-    ]
+    specs = _specs(0, size, ch, rate, cut, half, num_critical, stem_resolution)
     inp = {
         "size": int(size[0]),
         "channels": int(ch[0]),
@@ -221,20 +237,7 @@ def _geometry(
         ch = _channels(cut, channel_base, channel_max)
         ch[0] = last["channels"]
         ch[-1] = img_channels
-        specs += [
-            {
-                "index": i + stem_len,
-                "size": int(size[i]),
-                "channels": int(ch[i]),
-                "sampling_rate": float(rate[i]),
-                "cutoff": float(cut[i]),
-                "half_width": float(half[i]),
-                "critical": i >= h - num_critical,
-                "torgb": i == h,
-                "resolution": res,
-            }
-            for i in range(h + 1)
-        ]
+        specs += _specs(stem_len, size, ch, rate, cut, half, num_critical, res)
 
     layers = []
     prev_size, prev_ch = inp["size"], inp["channels"]

@@ -1078,13 +1078,18 @@ class HPD:
             if t is not None and t.grad is None:
                 t.grad = torch.zeros_like(t)
 
-    def _any(self, *flags: bool) -> list[bool]:
-        """Each flag, or-ed over the group's ranks (a decision every rank takes alike)."""
+    def _group_max(self, *values: float) -> list[float]:
+        """Each value's maximum over the group's ranks (the values themselves without
+        sharding): what every rank then decides alike."""
         if not self._shard.sharded:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return [bool(v) for v in t.tolist()]
+        return t.tolist()
+
+    def _any(self, *flags: bool) -> list[bool]:
+        """Each flag, or-ed over the group's ranks."""
+        return [v > 0 for v in self._group_max(*(float(f) for f in flags))]
 
     def _kept(self) -> str:
         """What is left to resume from: said only when a checkpoint exists."""
@@ -1115,10 +1120,8 @@ class HPD:
             big = 0.0 if empty else _abs_max(t.detach())  # type: ignore[union-attr]
             finite = math.isfinite(big)
             big = big if finite else 0.0
-            if self._shard.sharded:
-                v = torch.tensor([float(not finite), big], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX, group=self.group)
-                finite, big = not bool(v[0]), float(v[1])
+            bad, big = self._group_max(float(not finite), big)
+            finite = bad == 0
             if empty:
                 continue
             if not finite:
